@@ -1,0 +1,613 @@
+"""Ledger operations. Each one is a transaction that locks the account row first.
+
+Every mutation goes through `_locked_account`, so operations on one account run one at
+a time, and each carries a unique idempotency key, so a retry changes nothing.
+"""
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import stripe
+from dateutil.relativedelta import relativedelta
+from django.conf import settings
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.db.models import Min, Sum
+from django.utils import timezone
+from djstripe.models import WebhookEndpoint
+from djstripe.settings import djstripe_settings
+
+from accounts.models import Account, User
+from credits.models import CheckoutPurchase, CreditLot, LedgerEntry, LedgerTransaction
+from credits.money import nanousd_from_cents
+
+logger = logging.getLogger(__name__)
+
+BALANCE_CACHE_KEY = "credits:balance:{account_id}"
+# dj-stripe keys endpoints by Stripe id; this one is configured locally, not synced.
+LOCAL_WEBHOOK_ENDPOINT_ID = "we_tollbooth_configured"
+
+
+class CreditsError(Exception):
+    """A credits operation was rejected; the message is safe to show to the user."""
+
+
+@dataclass(frozen=True)
+class Balance:
+    balance_nanousd: int
+    spendable_nanousd: int
+    debt_nanousd: int
+    # The soonest expiry among spendable lots: the balance drops then without a ledger write.
+    next_expiry_at: datetime | None
+
+
+def lot_expiry_for(created_at: datetime) -> datetime:
+    """Return the expiry of a lot bought at `created_at`: one calendar year later.
+
+    relativedelta clamps 29 February to 28 February in a year that has no leap day.
+    """
+    return created_at + relativedelta(years=settings.CREDITS_LOT_LIFETIME_YEARS)
+
+
+def account_balance(*, account_id: int, at: datetime | None = None) -> Balance:
+    """Compute the balance from the database: spendable lots minus debt (two queries)."""
+    at = at or timezone.now()
+    lots = CreditLot.objects.filter(account_id=account_id).spendable(at=at)
+    totals = lots.aggregate(remaining=Sum("remaining_nanousd"), next_expiry=Min("expires_at"))
+    debt = Account.objects.values_list("debt_nanousd", flat=True).get(pk=account_id)
+    spendable = totals["remaining"] or 0
+    return Balance(
+        balance_nanousd=spendable - debt,
+        spendable_nanousd=spendable,
+        debt_nanousd=debt,
+        next_expiry_at=totals["next_expiry"],
+    )
+
+
+def account_balance_cached(*, account_id: int) -> int:
+    """Return the balance in nano-dollars, from the cache while no lot has expired since."""
+    key = BALANCE_CACHE_KEY.format(account_id=account_id)
+    now = timezone.now()
+    cached = cache.get(key)
+    if cached is not None:
+        balance_nanousd, valid_until = cached
+        if valid_until is None or now < valid_until:
+            return balance_nanousd
+    balance = account_balance(account_id=account_id, at=now)
+    cache.set(
+        key,
+        (balance.balance_nanousd, balance.next_expiry_at),
+        timeout=settings.GATEWAY_AUTH_CACHE_SECONDS,
+    )
+    return balance.balance_nanousd
+
+
+def _balance_cache_evict_on_commit(account_id: int) -> None:
+    key = BALANCE_CACHE_KEY.format(account_id=account_id)
+    transaction.on_commit(lambda: cache.delete(key))
+
+
+def _locked_account(account_id: int) -> Account:
+    return Account.objects.select_for_update().get(pk=account_id)
+
+
+def _existing_transaction(idempotency_key: str) -> LedgerTransaction | None:
+    return LedgerTransaction.objects.filter(idempotency_key=idempotency_key).first()
+
+
+def _record_transaction(
+    *,
+    account: Account,
+    kind: str,
+    idempotency_key: str,
+    amount_nanousd: int,
+    entries: list[tuple[CreditLot | None, int]],
+    at: datetime,
+    opened_lot: CreditLot | None = None,
+    request_id: str = "",
+    description: str = "",
+    actor: User | None = None,
+) -> LedgerTransaction:
+    """Write a transaction and its entries; the caller has already updated lots and debt."""
+    balance_after = account_balance(account_id=account.pk, at=at).balance_nanousd
+    ledger_transaction = LedgerTransaction.objects.create(
+        account=account,
+        kind=kind,
+        idempotency_key=idempotency_key,
+        amount_nanousd=amount_nanousd,
+        balance_after_nanousd=balance_after,
+        created_at=at,
+        opened_lot=opened_lot,
+        request_id=request_id,
+        description=description,
+        actor=actor,
+    )
+    LedgerEntry.objects.bulk_create(
+        LedgerEntry(
+            transaction=ledger_transaction,
+            account=account,
+            lot=lot,
+            amount_nanousd=amount,
+            created_at=at,
+        )
+        for lot, amount in entries
+        if amount != 0
+    )
+    _balance_cache_evict_on_commit(account.pk)
+    return ledger_transaction
+
+
+def _lot_open(
+    *,
+    account: Account,
+    source: str,
+    amount_nanousd: int,
+    idempotency_key: str,
+    kind: str,
+    at: datetime,
+    expires_at: datetime,
+    description: str,
+    actor: User | None = None,
+    **lot_fields,
+) -> CreditLot:
+    """Create a lot on a locked account, paying any debt out of it first."""
+    lot = CreditLot.objects.create(
+        account=account,
+        source=source,
+        original_nanousd=amount_nanousd,
+        remaining_nanousd=amount_nanousd,
+        created_at=at,
+        expires_at=expires_at,
+        granted_by=actor,
+        **lot_fields,
+    )
+    entries: list[tuple[CreditLot | None, int]] = []
+    repayment = min(account.debt_nanousd, amount_nanousd) if expires_at > at else 0
+    if repayment:
+        lot.remaining_nanousd -= repayment
+        lot.save(update_fields=["remaining_nanousd"])
+        account.debt_nanousd -= repayment
+        account.save(update_fields=["debt_nanousd"])
+        entries = [(lot, -repayment), (None, repayment)]
+    _record_transaction(
+        account=account,
+        kind=kind,
+        idempotency_key=idempotency_key,
+        amount_nanousd=amount_nanousd,
+        entries=entries,
+        at=at,
+        opened_lot=lot,
+        description=description,
+        actor=actor,
+    )
+    return lot
+
+
+@transaction.atomic
+def credit_grant(
+    *,
+    account: Account,
+    amount_nanousd: int,
+    reason: str,
+    actor: User | None = None,
+    expires_at: datetime | None = None,
+    idempotency_key: str | None = None,
+    at: datetime | None = None,
+) -> CreditLot:
+    """Grant a promotional lot; `reason` is required and kept on the lot and the ledger."""
+    if amount_nanousd <= 0:
+        raise CreditsError("A grant must be a positive amount.")
+    if not reason.strip():
+        raise CreditsError("A grant needs a reason.")
+    at = at or timezone.now()
+    expires_at = expires_at or lot_expiry_for(at)
+    if expires_at <= at:
+        raise CreditsError("A grant's expiry must be in the future.")
+    key = idempotency_key or f"grant:{account.pk}:{at.isoformat()}:{amount_nanousd}"
+
+    locked = _locked_account(account.pk)
+    existing = _existing_transaction(key)
+    if existing is not None:
+        assert existing.opened_lot is not None
+        return existing.opened_lot
+    lot = _lot_open(
+        account=locked,
+        source=CreditLot.Source.GRANT,
+        amount_nanousd=amount_nanousd,
+        idempotency_key=key,
+        kind=LedgerTransaction.Kind.GRANT,
+        at=at,
+        expires_at=expires_at,
+        description=reason.strip(),
+        actor=actor,
+        reason=reason.strip(),
+    )
+    logger.info("Granted lot %s of %s nanousd to account %s", lot.pk, amount_nanousd, account.pk)
+    return lot
+
+
+@dataclass(frozen=True)
+class Debit:
+    transaction: LedgerTransaction
+    created: bool
+
+
+def usage_debit(
+    *,
+    account_id: int,
+    request_id: str,
+    amount_nanousd: int,
+    description: str = "",
+    at: datetime | None = None,
+) -> Debit:
+    """Charge a request to the account, once per request id.
+
+    Draws from the lot that expires soonest (then oldest, then lowest id), one entry per
+    lot touched; whatever the lots cannot cover becomes debt.
+    """
+    if amount_nanousd <= 0:
+        raise CreditsError("A debit must be a positive amount.")
+    key = f"usage:{request_id}"
+    try:
+        with transaction.atomic():
+            return _usage_debit_locked(
+                account_id=account_id,
+                key=key,
+                request_id=request_id,
+                amount_nanousd=amount_nanousd,
+                description=description,
+                at=at or timezone.now(),
+            )
+    except IntegrityError:
+        # A concurrent debit of the same request id won the race on the unique key.
+        existing = _existing_transaction(key)
+        if existing is None:
+            raise
+        return Debit(transaction=existing, created=False)
+
+
+def _usage_debit_locked(
+    *,
+    account_id: int,
+    key: str,
+    request_id: str,
+    amount_nanousd: int,
+    description: str,
+    at: datetime,
+) -> Debit:
+    account = _locked_account(account_id)
+    existing = _existing_transaction(key)
+    if existing is not None:
+        return Debit(transaction=existing, created=False)
+
+    # 1. Draw down spendable lots in order.
+    entries: list[tuple[CreditLot | None, int]] = []
+    outstanding = amount_nanousd
+    lots = (
+        CreditLot.objects.select_for_update()
+        .filter(account=account, remaining_nanousd__gt=0)
+        .spendable(at=at)
+        .draw_down_order()
+    )
+    for lot in lots:
+        if outstanding == 0:
+            break
+        take = min(lot.remaining_nanousd, outstanding)
+        lot.remaining_nanousd -= take
+        lot.save(update_fields=["remaining_nanousd"])
+        entries.append((lot, -take))
+        outstanding -= take
+
+    # 2. The rest becomes debt, paid first out of the next lot.
+    if outstanding:
+        account.debt_nanousd += outstanding
+        account.save(update_fields=["debt_nanousd"])
+        entries.append((None, -outstanding))
+
+    ledger_transaction = _record_transaction(
+        account=account,
+        kind=LedgerTransaction.Kind.USAGE,
+        idempotency_key=key,
+        amount_nanousd=-amount_nanousd,
+        entries=entries,
+        at=at,
+        request_id=request_id,
+        description=description,
+    )
+    return Debit(transaction=ledger_transaction, created=True)
+
+
+@transaction.atomic
+def credit_lot_expire(*, lot_id: int, at: datetime | None = None) -> LedgerTransaction | None:
+    """Write the expiry of a lot past `expires_at`: one entry for exactly its remainder.
+
+    Returns None when the lot has not expired yet or its expiry is already written.
+    """
+    at = at or timezone.now()
+    lot = CreditLot.objects.get(pk=lot_id)
+    if at < lot.expires_at:
+        return None
+    account = _locked_account(lot.account_id)
+    lot = CreditLot.objects.select_for_update().get(pk=lot_id)
+    key = f"expire:{lot.pk}"
+    if lot.expired_at is not None or _existing_transaction(key) is not None:
+        return None
+
+    remainder = lot.remaining_nanousd
+    lot.remaining_nanousd = 0
+    lot.expired_at = at
+    lot.save(update_fields=["remaining_nanousd", "expired_at"])
+    # The balance already excluded this lot, so the balance change is zero.
+    ledger_transaction = _record_transaction(
+        account=account,
+        kind=LedgerTransaction.Kind.EXPIRY,
+        idempotency_key=key,
+        amount_nanousd=0,
+        entries=[(lot, -remainder)],
+        at=at,
+        description=f"Lot {lot.pk} expired with {remainder} nanousd unspent",
+    )
+    logger.info("Expired lot %s of account %s, remainder %s", lot.pk, account.pk, remainder)
+    return ledger_transaction
+
+
+def credit_lots_due_for_expiry(*, at: datetime) -> list[int]:
+    return list(
+        CreditLot.objects.filter(expires_at__lte=at, expired_at__isnull=True)
+        .order_by("expires_at", "id")
+        .values_list("id", flat=True)
+    )
+
+
+def credit_lots_expire_due(*, at: datetime | None = None) -> int:
+    """Expire every lot past its expiry; return how many expiries were written."""
+    at = at or timezone.now()
+    written = 0
+    for lot_id in credit_lots_due_for_expiry(at=at):
+        if credit_lot_expire(lot_id=lot_id, at=at) is not None:
+            written += 1
+    return written
+
+
+@transaction.atomic
+def purchase_lot_create(
+    *,
+    account_id: int,
+    session_id: str,
+    amount_cents: int,
+    currency: str,
+    payment_intent_id: str,
+    at: datetime | None = None,
+) -> tuple[CreditLot, bool]:
+    """Create the lot of a paid Checkout Session, once per session id.
+
+    Returns the lot and whether this call created it.
+    """
+    at = at or timezone.now()
+    account = _locked_account(account_id)
+    existing = CreditLot.objects.filter(stripe_checkout_session_id=session_id).first()
+    if existing is not None:
+        return existing, False
+    lot = _lot_open(
+        account=account,
+        source=CreditLot.Source.PURCHASE,
+        amount_nanousd=nanousd_from_cents(amount_cents),
+        idempotency_key=f"checkout:{session_id}",
+        kind=LedgerTransaction.Kind.PURCHASE,
+        at=at,
+        expires_at=lot_expiry_for(at),
+        description=f"Purchase of {amount_cents} cents",
+        stripe_checkout_session_id=session_id,
+        stripe_payment_intent_id=payment_intent_id,
+        amount_cents=amount_cents,
+        currency=currency,
+    )
+    CheckoutPurchase.objects.filter(stripe_session_id=session_id).update(
+        status=CheckoutPurchase.Status.FULFILLED, lot=lot
+    )
+    logger.info("Created lot %s from checkout session for account %s", lot.pk, account.pk)
+    return lot, True
+
+
+def _stripe_options() -> dict:
+    return {"api_key": settings.STRIPE_SECRET_KEY}
+
+
+@transaction.atomic
+def checkout_session_create(*, account: Account, amount_cents: int, user: User | None) -> dict:
+    """Start a Stripe Checkout Session for `amount_cents` of credits.
+
+    Returns the session's id and URL. The amount is validated here, so the dashboard
+    and the API reject the same inputs.
+    """
+    if isinstance(amount_cents, bool) or not isinstance(amount_cents, int):
+        raise CreditsError("amount must be an integer number of cents, such as 500 for USD 5.00.")
+    minimum = settings.CREDITS_MIN_PURCHASE_CENTS
+    maximum = settings.CREDITS_MAX_PURCHASE_CENTS
+    if amount_cents < minimum:
+        raise CreditsError(f"amount must be at least {minimum} cents (USD {minimum / 100:.2f}).")
+    if amount_cents > maximum:
+        raise CreditsError(f"amount must be at most {maximum} cents (USD {maximum / 100:.2f}).")
+    if account.is_frozen:
+        raise CreditsError("This account is frozen; contact support to buy credits.")
+
+    base = settings.PUBLIC_URL
+    session = stripe.checkout.Session.create(
+        mode="payment",
+        client_reference_id=str(account.pk),
+        customer_email=user.email if user else None,
+        line_items=[
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": amount_cents,
+                    "product_data": {"name": "Tollbooth credits"},
+                },
+            }
+        ],
+        metadata={"tollbooth_account_id": str(account.pk)},
+        payment_intent_data={"metadata": {"tollbooth_account_id": str(account.pk)}},
+        success_url=f"{base}/credits/success/?session_id={{CHECKOUT_SESSION_ID}}",
+        cancel_url=f"{base}/credits/",
+        **_stripe_options(),
+    )
+    CheckoutPurchase.objects.create(
+        account=account, stripe_session_id=session["id"], amount_cents=amount_cents,
+        created_by=user,
+    )
+    logger.info("Created checkout session for account %s, %s cents", account.pk, amount_cents)
+    return {"id": session["id"], "url": session["url"]}
+
+
+def _session_account_id(session: Mapping) -> int | None:
+    purchase = CheckoutPurchase.objects.filter(stripe_session_id=session["id"]).first()
+    if purchase is not None:
+        return purchase.account_id
+    reference = session.get("client_reference_id") or (session.get("metadata") or {}).get(
+        "tollbooth_account_id"
+    )
+    if reference and str(reference).isdigit():
+        return int(reference)
+    return None
+
+
+def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
+    """Turn a paid Checkout Session into exactly one lot.
+
+    Reads amount, currency and payment status from the session as retrieved from Stripe,
+    never from the caller. Returns None while the session is unpaid.
+    """
+    session = stripe.checkout.Session.retrieve(session_id, **_stripe_options())
+    if session.get("payment_status") != "paid":
+        logger.info("Checkout session not paid yet, status %s", session.get("payment_status"))
+        return None
+    if (session.get("currency") or "").lower() != "usd":
+        raise CreditsError("Only USD checkout sessions can be fulfilled.")
+    account_id = _session_account_id(session)
+    if account_id is None:
+        raise CreditsError("The checkout session does not belong to a Tollbooth account.")
+    payment_intent = session.get("payment_intent") or ""
+    if not isinstance(payment_intent, str):
+        payment_intent = payment_intent.get("id", "")
+    lot, _created = purchase_lot_create(
+        account_id=account_id,
+        session_id=session["id"],
+        amount_cents=int(session["amount_total"]),
+        currency="usd",
+        payment_intent_id=payment_intent,
+    )
+    return lot
+
+
+def checkout_sessions_reconcile(*, at: datetime | None = None) -> int:
+    """Fulfil open purchases whose session Stripe reports paid; return how many were fulfilled.
+
+    Sessions stay open for at most 24 hours at Stripe, so older ones are marked expired.
+    """
+    at = at or timezone.now()
+    fulfilled = 0
+    for purchase in CheckoutPurchase.objects.filter(status=CheckoutPurchase.Status.OPEN):
+        try:
+            lot = checkout_session_fulfil(session_id=purchase.stripe_session_id)
+        except stripe.StripeError as error:
+            logger.warning(
+                "Reconciling checkout purchase %s failed: %s", purchase.pk, type(error).__name__
+            )
+            continue
+        if lot is not None:
+            fulfilled += 1
+        elif at - purchase.created_at > relativedelta(days=2):
+            CheckoutPurchase.objects.filter(pk=purchase.pk).update(
+                status=CheckoutPurchase.Status.EXPIRED
+            )
+    return fulfilled
+
+
+@transaction.atomic
+def stripe_webhook_endpoint_configure(*, secret: str, public_url: str, uuid: str = "") -> str:
+    """Store the webhook endpoint dj-stripe verifies against, without calling Stripe.
+
+    Returns the URL to register in the Stripe dashboard. The endpoint's UUID (its path)
+    stays the same across runs unless `uuid` sets another.
+    """
+    if not secret.startswith("whsec_"):
+        raise CreditsError("STRIPE_WEBHOOK_SECRET must start with whsec_.")
+    endpoint = WebhookEndpoint.objects.filter(id=LOCAL_WEBHOOK_ENDPOINT_ID).first()
+    if endpoint is None:
+        endpoint = WebhookEndpoint(
+            id=LOCAL_WEBHOOK_ENDPOINT_ID,
+            livemode=settings.STRIPE_LIVE_MODE,
+            enabled_events=["*"],
+            status="enabled",
+            api_version=djstripe_settings.STRIPE_API_VERSION,
+        )
+    if uuid:
+        endpoint.djstripe_uuid = uuid
+    endpoint.secret = secret
+    endpoint.livemode = settings.STRIPE_LIVE_MODE
+    endpoint.save()
+    url = f"{public_url}/stripe/webhook/{endpoint.djstripe_uuid}/"
+    if endpoint.url != url:
+        endpoint.url = url
+        endpoint.save(update_fields=["url"])
+    return url
+
+
+def ledger_violations(*, account: Account, at: datetime | None = None) -> list[str]:
+    """List every broken ledger invariant of one account; empty when the ledger is sound.
+
+    Checks that each lot's original plus its entries equals its remainder, that the debt
+    equals minus the sum of lot-less entries, and that each transaction's amount equals
+    its entries plus the lot it opened. Costs three queries per account.
+    """
+    at = at or timezone.now()
+    violations: list[str] = []
+    lot_sums = dict(
+        LedgerEntry.objects.filter(account=account, lot__isnull=False)
+        .values_list("lot_id")
+        .annotate(total=Sum("amount_nanousd"))
+        .values_list("lot_id", "total")
+    )
+    for lot in CreditLot.objects.filter(account=account):
+        expected = lot.original_nanousd + (lot_sums.get(lot.pk) or 0)
+        if expected != lot.remaining_nanousd:
+            violations.append(
+                f"lot {lot.pk}: original {lot.original_nanousd} plus entries is {expected}, "
+                f"but remaining is {lot.remaining_nanousd}"
+            )
+        if lot.expires_at <= at and lot.expired_at is not None and lot.remaining_nanousd != 0:
+            violations.append(f"lot {lot.pk}: expired with {lot.remaining_nanousd} remaining")
+
+    debt_entries = (
+        LedgerEntry.objects.filter(account=account, lot__isnull=True).aggregate(
+            total=Sum("amount_nanousd")
+        )["total"]
+        or 0
+    )
+    if -debt_entries != account.debt_nanousd:
+        violations.append(
+            f"account {account.pk}: debt is {account.debt_nanousd}, entries say {-debt_entries}"
+        )
+
+    transactions = LedgerTransaction.objects.filter(account=account).select_related("opened_lot")
+    entry_sums = dict(
+        LedgerEntry.objects.filter(account=account)
+        .values_list("transaction_id")
+        .annotate(total=Sum("amount_nanousd"))
+        .values_list("transaction_id", "total")
+    )
+    for ledger_transaction in transactions:
+        opened = ledger_transaction.opened_lot.original_nanousd if ledger_transaction.opened_lot else 0
+        entries = entry_sums.get(ledger_transaction.pk) or 0
+        # An expiry moves a remainder that the balance had already dropped.
+        if ledger_transaction.kind == LedgerTransaction.Kind.EXPIRY:
+            continue
+        if opened + entries != ledger_transaction.amount_nanousd:
+            violations.append(
+                f"transaction {ledger_transaction.pk}: amount {ledger_transaction.amount_nanousd} "
+                f"but entries and opened lot sum to {opened + entries}"
+            )
+    return violations

@@ -1,0 +1,1 @@
+"""Development helpers that are not part of the deployed portal."""

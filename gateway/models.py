@@ -1,0 +1,165 @@
+from datetime import datetime
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from accounts.models import Account
+
+
+class AccessKeyQuerySet(models.QuerySet["AccessKey"]):
+    def for_account(self, account: Account) -> "AccessKeyQuerySet":
+        return self.filter(account=account)
+
+    def usable(self, *, at: datetime) -> "AccessKeyQuerySet":
+        return self.filter(revoked_at__isnull=True).exclude(expires_at__lte=at)
+
+
+class AccessKey(models.Model):
+    """A key that calls the gateway (`inference` scope) or the REST API (`management`).
+
+    Only a SHA-256 hash of the key is stored; the key itself is shown once.
+    """
+
+    class Scope(models.TextChoices):
+        INFERENCE = "inference", "Inference (gateway)"
+        MANAGEMENT = "management", "Management (REST API)"
+
+    class SpendLimitPeriod(models.TextChoices):
+        DAILY = "daily", "Daily"
+        WEEKLY = "weekly", "Weekly"
+        MONTHLY = "monthly", "Monthly"
+        NEVER = "never", "Never resets"
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="access_keys")
+    name = models.CharField(max_length=120)
+    # "tb_" and the first eight characters of the secret part; safe to show and log.
+    prefix = models.CharField(max_length=16, db_index=True)
+    last_four = models.CharField(max_length=4)
+    key_hash = models.CharField(max_length=64, unique=True)
+    scopes = models.JSONField(default=list)
+    allowed_providers = models.JSONField(default=list, blank=True)
+    allowed_models = models.JSONField(default=list, blank=True)
+    spend_limit_nanousd = models.BigIntegerField(null=True, blank=True)
+    spend_limit_period = models.CharField(
+        max_length=16, choices=SpendLimitPeriod.choices, default=SpendLimitPeriod.NEVER
+    )
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = AccessKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.display})"
+
+    @property
+    def display(self) -> str:
+        return f"{self.prefix}…{self.last_four}"
+
+    def is_usable(self, *, at: datetime) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or at < self.expires_at
+
+
+class ModelPrice(models.Model):
+    """List price of a built-in model, per million tokens, from `effective_from` on.
+
+    Prices are nano-dollars per million tokens: USD 2.50 per million is 2,500,000,000.
+    """
+
+    class Provider(models.TextChoices):
+        OPENAI = "openai", "OpenAI"
+        ANTHROPIC = "anthropic", "Anthropic"
+
+    provider = models.CharField(max_length=32, choices=Provider.choices)
+    model = models.CharField(max_length=120)
+    input_nanousd_per_mtok = models.BigIntegerField()
+    output_nanousd_per_mtok = models.BigIntegerField()
+    cache_read_nanousd_per_mtok = models.BigIntegerField(default=0)
+    cache_write_nanousd_per_mtok = models.BigIntegerField(default=0)
+    effective_from = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["provider", "model", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "model", "effective_from"], name="model_price_unique_start"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model} from {self.effective_from:%Y-%m-%d}"
+
+
+class UsageRecord(models.Model):
+    """One upstream attempt of a gateway request, with its tokens and what it cost.
+
+    `input_tokens` excludes cached input, which is counted in `cache_read_tokens` and
+    `cache_write_tokens`; `reasoning_tokens` is the part of `output_tokens` spent reasoning.
+    """
+
+    class KeySource(models.TextChoices):
+        BUILTIN = "builtin", "Built-in inference"
+        OWN = "own", "Account's own key"
+        CUSTOM = "custom", "Custom provider"
+
+    class Status(models.TextChoices):
+        SUCCEEDED = "succeeded", "Succeeded"
+        ABORTED = "aborted", "Aborted by the client"
+        UPSTREAM_ERROR = "upstream_error", "Upstream error"
+        FAILED = "failed", "Failed"
+
+    request_id = models.CharField(max_length=64)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="usage_records")
+    access_key = models.ForeignKey(
+        AccessKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records"
+    )
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=120)
+    surface = models.CharField(max_length=32)
+    key_source = models.CharField(max_length=16, choices=KeySource.choices)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    streamed = models.BooleanField(default=False)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cache_read_tokens = models.PositiveIntegerField(default=0)
+    cache_write_tokens = models.PositiveIntegerField(default=0)
+    reasoning_tokens = models.PositiveIntegerField(default=0)
+    usage_estimated = models.BooleanField(default=False)
+    fee_nanousd = models.BigIntegerField(default=0)
+    model_cost_nanousd = models.BigIntegerField(default=0)
+    cost_nanousd = models.BigIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(default=0)
+    error_type = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["request_id", "attempt"], name="usage_record_unique_attempt"
+            ),
+        ]
+        indexes = [models.Index(fields=["account", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} #{self.attempt} {self.provider}:{self.model}"
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+            + self.output_tokens
+        )

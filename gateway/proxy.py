@@ -1,0 +1,427 @@
+"""The metering proxy: `/v1/chat/completions` and `/v1/messages`.
+
+A request is admitted (key, balance, route) in one worker thread, forwarded with one
+pooled HTTP client per event loop, passed back unbuffered, and metered once its usage
+is known. Streams are forwarded event by event; the usage record is written before the
+terminal event (`data: [DONE]` or `message_stop`) goes out, so a client that has read
+the whole stream sees its charge.
+"""
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from gateway.errors import (
+    ANTHROPIC,
+    OPENAI,
+    GatewayError,
+    error_response,
+    invalid_json,
+    missing_key,
+    set_request_id,
+)
+from gateway.models import UsageRecord
+from gateway.pricing import TokenUsage
+from gateway.routing import Admission, Route, models_for_key, request_admit
+from gateway.services import Attempt, usage_record
+from gateway.usage import (
+    StreamMeter,
+    anthropic_usage,
+    load_json,
+    openai_usage,
+    parse_sse_event,
+)
+
+logger = logging.getLogger(__name__)
+
+ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
+# Headers a client may send that the upstream needs to see.
+ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+SSE_SEPARATORS = (b"\r\n\r\n", b"\n\n")
+
+_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+# Metering tasks started after a client went away; kept so they are not collected early.
+_background_tasks: set[asyncio.Task] = set()
+
+
+def upstream_client() -> httpx.AsyncClient:
+    """Return the pooled client of the running event loop."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None or client.is_closed:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
+                connect=settings.GATEWAY_CONNECT_TIMEOUT_SECONDS,
+            ),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        _clients[loop] = client
+        for stale in [other for other in _clients if other.is_closed()]:
+            _clients.pop(stale, None)
+    return client
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def raw_key_from(request: HttpRequest) -> str:
+    authorization = request.headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
+def upstream_request_parts(
+    *, route: Route, body: dict, request: HttpRequest
+) -> tuple[str, dict[str, str], dict]:
+    """Build the upstream URL, headers and body for a route."""
+    upstream_body = dict(body)
+    upstream_body["model"] = route.model
+    if route.api_format == OPENAI:
+        url = f"{route.base_url}/chat/completions"
+        headers = {"authorization": f"Bearer {route.api_key}"}
+        if upstream_body.get("stream"):
+            # Ask for the usage chunk; it is removed again if the client did not ask.
+            stream_options = dict(upstream_body.get("stream_options") or {})
+            stream_options["include_usage"] = True
+            upstream_body["stream_options"] = stream_options
+    else:
+        url = f"{route.base_url}/v1/messages"
+        headers = {"x-api-key": route.api_key}
+        for name in ANTHROPIC_FORWARDED_HEADERS:
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        headers.setdefault("anthropic-version", ANTHROPIC_DEFAULT_VERSION)
+    headers["content-type"] = "application/json"
+    headers["accept"] = "text/event-stream" if upstream_body.get("stream") else "application/json"
+    return url, headers, upstream_body
+
+
+async def _meter(
+    *,
+    admission: Admission,
+    request_id: str,
+    surface: str,
+    status: str,
+    http_status: int | None,
+    streamed: bool,
+    usage: TokenUsage,
+    started: float,
+    error_type: str = "",
+) -> None:
+    attempt = Attempt(
+        request_id=request_id,
+        account_id=admission.identity.account_id,
+        key_id=admission.identity.key_id,
+        provider=admission.route.provider,
+        model=admission.route.model,
+        surface=surface,
+        key_source=admission.route.key_source,
+        status=status,
+        http_status=http_status,
+        streamed=streamed,
+        usage=usage,
+        latency_ms=int((time.monotonic() - started) * 1000),
+        error_type=error_type,
+        price=admission.route.price,
+    )
+    await sync_to_async(usage_record, thread_sensitive=False)(attempt=attempt)
+
+
+async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
+    request_id = new_request_id()
+    started = time.monotonic()
+
+    # 1. Authenticate and parse before anything is forwarded.
+    raw_key = raw_key_from(request)
+    if not raw_key:
+        return error_response(missing_key(), surface=surface, request_id=request_id)
+    body = load_json(request.body)
+    if body is None:
+        return error_response(invalid_json(), surface=surface, request_id=request_id)
+    try:
+        admission = await sync_to_async(request_admit, thread_sensitive=False)(
+            raw_key=raw_key, model=body.get("model"), surface=surface
+        )
+    except GatewayError as error:
+        return error_response(error, surface=surface, request_id=request_id)
+
+    # 2. Forward.
+    url, headers, upstream_body = upstream_request_parts(
+        route=admission.route, body=body, request=request
+    )
+    client = upstream_client()
+    streamed = bool(body.get("stream"))
+    upstream_request = client.build_request(
+        "POST", url, headers=headers, content=json.dumps(upstream_body).encode()
+    )
+    try:
+        upstream = await client.send(upstream_request, stream=True)
+    except httpx.TimeoutException:
+        await _meter_failure(admission, request_id, surface, streamed, started, "timeout")
+        error = GatewayError(
+            504, "The upstream provider timed out.", openai_type="api_error", code="timeout"
+        )
+        return error_response(error, surface=surface, request_id=request_id)
+    except httpx.HTTPError as exc:
+        logger.warning(
+            "Upstream %s unreachable for request %s: %s",
+            admission.route.provider, request_id, type(exc).__name__,
+        )
+        await _meter_failure(admission, request_id, surface, streamed, started, "unreachable")
+        error = GatewayError(
+            502,
+            f"The upstream provider `{admission.route.provider}` could not be reached.",
+            openai_type="api_error",
+            code="upstream_unreachable",
+        )
+        return error_response(error, surface=surface, request_id=request_id)
+
+    # 3. Upstream errors pass through with their status and body, uncharged.
+    if upstream.status_code >= 400 or not streamed:
+        return await _whole_response(
+            upstream=upstream,
+            admission=admission,
+            request_id=request_id,
+            surface=surface,
+            streamed=streamed,
+            started=started,
+        )
+
+    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    events = _stream_events(
+        upstream=upstream,
+        admission=admission,
+        request_id=request_id,
+        surface=surface,
+        body=body,
+        client_wants_usage=client_wants_usage,
+        started=started,
+    )
+    response = StreamingHttpResponse(
+        events, status=upstream.status_code, content_type="text/event-stream; charset=utf-8"
+    )
+    response["cache-control"] = "no-cache"
+    response["x-accel-buffering"] = "no"
+    set_request_id(response, request_id=request_id, surface=surface)
+    return response
+
+
+async def _meter_failure(
+    admission: Admission, request_id: str, surface: str, streamed: bool, started: float,
+    error_type: str,
+) -> None:
+    await _meter(
+        admission=admission,
+        request_id=request_id,
+        surface=surface,
+        status=UsageRecord.Status.FAILED,
+        http_status=None,
+        streamed=streamed,
+        usage=TokenUsage(),
+        started=started,
+        error_type=error_type,
+    )
+
+
+async def _whole_response(
+    *,
+    upstream: httpx.Response,
+    admission: Admission,
+    request_id: str,
+    surface: str,
+    streamed: bool,
+    started: float,
+) -> HttpResponse:
+    try:
+        content = await upstream.aread()
+    finally:
+        await upstream.aclose()
+    succeeded = upstream.status_code < 400
+    usage = TokenUsage()
+    if succeeded:
+        payload = load_json(content) or {}
+        raw_usage = payload.get("usage") or {}
+        usage = openai_usage(raw_usage) if surface == OPENAI else anthropic_usage(raw_usage)
+    await _meter(
+        admission=admission,
+        request_id=request_id,
+        surface=surface,
+        status=UsageRecord.Status.SUCCEEDED if succeeded else UsageRecord.Status.UPSTREAM_ERROR,
+        http_status=upstream.status_code,
+        streamed=streamed,
+        usage=usage,
+        started=started,
+        error_type="" if succeeded else f"http_{upstream.status_code}",
+    )
+    response = HttpResponse(
+        content,
+        status=upstream.status_code,
+        content_type=upstream.headers.get("content-type", "application/json"),
+    )
+    if "retry-after" in upstream.headers:
+        response["retry-after"] = upstream.headers["retry-after"]
+    set_request_id(response, request_id=request_id, surface=surface)
+    return response
+
+
+def _split_event(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """Cut the first complete SSE event (with its blank line) off the buffer."""
+    positions = [
+        (buffer.find(separator), separator)
+        for separator in SSE_SEPARATORS
+        if buffer.find(separator) != -1
+    ]
+    if not positions:
+        return None
+    index, separator = min(positions)
+    end = index + len(separator)
+    return buffer[:end], buffer[end:]
+
+
+def _is_usage_only_chunk(payload: dict) -> bool:
+    return payload.get("choices") == [] and bool(payload.get("usage"))
+
+
+async def _stream_events(
+    *,
+    upstream: httpx.Response,
+    admission: Admission,
+    request_id: str,
+    surface: str,
+    body: dict,
+    client_wants_usage: bool,
+    started: float,
+) -> AsyncIterator[bytes]:
+    meter = StreamMeter(surface=surface)
+    metered = False
+    completed = False
+    buffer = b""
+
+    async def meter_now(status: str) -> None:
+        nonlocal metered
+        metered = True
+        await _meter(
+            admission=admission,
+            request_id=request_id,
+            surface=surface,
+            status=status,
+            http_status=upstream.status_code,
+            streamed=True,
+            usage=meter.final_usage(request_body=body),
+            started=started,
+        )
+
+    try:
+        async for chunk in upstream.aiter_raw():
+            buffer += chunk
+            while (split := _split_event(buffer)) is not None:
+                raw_event, buffer = split
+                event_type, data = parse_sse_event(raw_event)
+                terminal = False
+                if surface == OPENAI:
+                    if data == b"[DONE]":
+                        terminal = True
+                        meter.finished = True
+                    else:
+                        payload = load_json(data)
+                        if payload is not None:
+                            meter.observe_openai(payload)
+                            if not client_wants_usage and _is_usage_only_chunk(payload):
+                                continue
+                else:
+                    payload = load_json(data)
+                    if payload is not None:
+                        meter.observe_anthropic(event_type or payload.get("type", ""), payload)
+                    terminal = event_type == "message_stop"
+                if terminal and not metered:
+                    await meter_now(UsageRecord.Status.SUCCEEDED)
+                yield raw_event
+        if buffer:
+            yield buffer
+        completed = True
+    finally:
+        if not metered:
+            status = UsageRecord.Status.SUCCEEDED if completed else UsageRecord.Status.ABORTED
+            # The client may be gone and this generator cancelled, so the record is
+            # written by a task of its own.
+            task = asyncio.ensure_future(meter_now(status))
+            _background_tasks.add(task)
+            task.add_done_callback(_background_tasks.discard)
+        await upstream.aclose()
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed(surface=OPENAI)
+    return await proxy(request, surface=OPENAI)
+
+
+@csrf_exempt
+async def messages(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed(surface=ANTHROPIC)
+    return await proxy(request, surface=ANTHROPIC)
+
+
+def _method_not_allowed(*, surface: str) -> HttpResponse:
+    error = GatewayError(405, "Use POST for this endpoint.", code="method_not_allowed")
+    return error_response(error, surface=surface, request_id=new_request_id())
+
+
+@csrf_exempt
+async def models_list(request: HttpRequest) -> HttpResponse:
+    """List the models the key may call, in the OpenAI or, for Anthropic clients, its shape."""
+    surface = ANTHROPIC if "anthropic-version" in request.headers else OPENAI
+    request_id = new_request_id()
+    raw_key = raw_key_from(request)
+    if not raw_key:
+        return error_response(missing_key(), surface=surface, request_id=request_id)
+    try:
+        models = await sync_to_async(models_for_key, thread_sensitive=False)(raw_key=raw_key)
+    except GatewayError as error:
+        return error_response(error, surface=surface, request_id=request_id)
+    if surface == ANTHROPIC:
+        data = [
+            {
+                "type": "model",
+                "id": model["id"],
+                "display_name": model["id"],
+                "created_at": model["created_at"],
+            }
+            for model in models
+        ]
+        payload: dict = {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+    else:
+        payload = {
+            "object": "list",
+            "data": [
+                {
+                    "id": model["id"],
+                    "object": "model",
+                    "created": model["created"],
+                    "owned_by": model["owned_by"],
+                }
+                for model in models
+            ],
+        }
+    response = HttpResponse(json.dumps(payload), content_type="application/json")
+    set_request_id(response, request_id=request_id, surface=surface)
+    return response

@@ -1,0 +1,247 @@
+"""Access keys, key lookup for the gateway and the REST API, and usage metering."""
+
+import hashlib
+import logging
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import Account, User
+from credits.services import usage_debit
+from gateway.models import AccessKey, ModelPrice, UsageRecord
+from gateway.pricing import Price, TokenUsage, request_cost
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "tb_"
+ACCESS_KEY_CACHE_KEY = "gateway:access-key:{key_hash}"
+
+
+class AccessKeyError(Exception):
+    """An access key operation was rejected; the message is safe to show."""
+
+
+def access_key_hash(raw_key: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is enough; nobody can brute-force them.
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CreatedAccessKey:
+    access_key: AccessKey
+    raw_key: str
+
+
+@transaction.atomic
+def access_key_create(
+    *,
+    account: Account,
+    name: str,
+    scopes: list[str] | None = None,
+    created_by: User | None = None,
+    expires_at: datetime | None = None,
+    allowed_providers: list[str] | None = None,
+    allowed_models: list[str] | None = None,
+    spend_limit_nanousd: int | None = None,
+    spend_limit_period: str = AccessKey.SpendLimitPeriod.NEVER,
+    requests_per_minute: int | None = None,
+) -> CreatedAccessKey:
+    """Create a key; the raw key is returned here once and only its hash is stored."""
+    name = name.strip()
+    if not name:
+        raise AccessKeyError("name is required.")
+    if len(name) > 120:
+        raise AccessKeyError("name must be at most 120 characters.")
+    scopes = list(dict.fromkeys(scopes or [AccessKey.Scope.INFERENCE]))
+    unknown = sorted(set(scopes) - set(AccessKey.Scope.values))
+    if unknown or not scopes:
+        raise AccessKeyError(
+            f"scopes must be a non-empty list of {', '.join(AccessKey.Scope.values)}."
+        )
+    if expires_at is not None and expires_at <= timezone.now():
+        raise AccessKeyError("expires_at must be in the future.")
+    if spend_limit_nanousd is not None and spend_limit_nanousd <= 0:
+        raise AccessKeyError("spend_limit must be positive.")
+
+    raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
+    access_key = AccessKey.objects.create(
+        account=account,
+        name=name,
+        prefix=raw_key[:11],
+        last_four=raw_key[-4:],
+        key_hash=access_key_hash(raw_key),
+        scopes=scopes,
+        created_by=created_by,
+        expires_at=expires_at,
+        allowed_providers=allowed_providers or [],
+        allowed_models=allowed_models or [],
+        spend_limit_nanousd=spend_limit_nanousd,
+        spend_limit_period=spend_limit_period,
+        requests_per_minute=requests_per_minute,
+    )
+    logger.info("Created access key %s for account %s", access_key.prefix, account.pk)
+    return CreatedAccessKey(access_key=access_key, raw_key=raw_key)
+
+
+@transaction.atomic
+def access_key_revoke(*, access_key: AccessKey) -> AccessKey:
+    """Revoke a key; it stops working as soon as this transaction commits."""
+    if access_key.revoked_at is None:
+        access_key.revoked_at = timezone.now()
+        access_key.save(update_fields=["revoked_at"])
+        key = ACCESS_KEY_CACHE_KEY.format(key_hash=access_key.key_hash)
+        transaction.on_commit(lambda: cache.delete(key))
+        logger.info("Revoked access key %s of account %s", access_key.prefix, access_key.account_id)
+    return access_key
+
+
+@dataclass(frozen=True)
+class KeyIdentity:
+    """What the gateway needs to know about a key, cached so that requests skip the database."""
+
+    key_id: int
+    account_id: int
+    prefix: str
+    scopes: list[str]
+    expires_at: datetime | None
+    allowed_providers: list[str] = field(default_factory=list)
+    allowed_models: list[str] = field(default_factory=list)
+    account_frozen: bool = False
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
+    """Return the identity of a usable key, or None for a missing, revoked or expired one."""
+    if not raw_key.startswith(KEY_PREFIX):
+        return None
+    key_hash = access_key_hash(raw_key)
+    cache_key = ACCESS_KEY_CACHE_KEY.format(key_hash=key_hash)
+    identity: KeyIdentity | None = None
+    cached = cache.get(cache_key)
+    if cached is not None:
+        identity = KeyIdentity(**cached)
+    else:
+        access_key = (
+            AccessKey.objects.select_related("account")
+            .filter(key_hash=key_hash, revoked_at__isnull=True)
+            .first()
+        )
+        if access_key is None:
+            return None
+        identity = KeyIdentity(
+            key_id=access_key.pk,
+            account_id=access_key.account_id,
+            prefix=access_key.prefix,
+            scopes=list(access_key.scopes),
+            expires_at=access_key.expires_at,
+            allowed_providers=list(access_key.allowed_providers),
+            allowed_models=list(access_key.allowed_models),
+            account_frozen=access_key.account.is_frozen,
+        )
+        cache.set(cache_key, asdict(identity), timeout=settings.GATEWAY_AUTH_CACHE_SECONDS)
+    if identity.expires_at is not None and timezone.now() >= identity.expires_at:
+        return None
+    return identity
+
+
+def access_key_touch(*, key_id: int, at: datetime) -> None:
+    """Set `last_used_at`, at most once a minute per key to spare the database."""
+    throttle_key = f"gateway:touched:{key_id}"
+    if cache.add(throttle_key, 1, timeout=60):
+        AccessKey.objects.filter(pk=key_id).update(last_used_at=at)
+
+
+def model_price_current(*, provider: str, model: str, at: datetime) -> ModelPrice | None:
+    return (
+        ModelPrice.objects.filter(provider=provider, model=model, effective_from__lte=at)
+        .order_by("-effective_from")
+        .first()
+    )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One upstream attempt as the proxy saw it, ready to be recorded and charged."""
+
+    request_id: str
+    account_id: int
+    key_id: int | None
+    provider: str
+    model: str
+    surface: str
+    key_source: str
+    status: str
+    http_status: int | None
+    streamed: bool
+    usage: TokenUsage
+    latency_ms: int
+    attempt: int = 1
+    error_type: str = ""
+    price: Price | None = None
+
+
+def usage_record(*, attempt: Attempt, at: datetime | None = None) -> UsageRecord:
+    """Record an attempt and charge it, in one transaction, once per request id and attempt.
+
+    Failed attempts are recorded at no cost. Aborted streams are charged for what was
+    delivered.
+    """
+    at = at or timezone.now()
+    charged = attempt.status in (UsageRecord.Status.SUCCEEDED, UsageRecord.Status.ABORTED)
+    cost = request_cost(usage=attempt.usage, price=attempt.price if charged else None)
+    if not charged:
+        fee = model_cost = 0
+    else:
+        fee, model_cost = cost.fee_nanousd, cost.model_cost_nanousd
+    try:
+        with transaction.atomic():
+            record = UsageRecord.objects.create(
+                request_id=attempt.request_id,
+                attempt=attempt.attempt,
+                account_id=attempt.account_id,
+                access_key_id=attempt.key_id,
+                provider=attempt.provider,
+                model=attempt.model,
+                surface=attempt.surface,
+                key_source=attempt.key_source,
+                status=attempt.status,
+                http_status=attempt.http_status,
+                streamed=attempt.streamed,
+                input_tokens=attempt.usage.input_tokens,
+                output_tokens=attempt.usage.output_tokens,
+                cache_read_tokens=attempt.usage.cache_read_tokens,
+                cache_write_tokens=attempt.usage.cache_write_tokens,
+                reasoning_tokens=attempt.usage.reasoning_tokens,
+                usage_estimated=attempt.usage.estimated,
+                fee_nanousd=fee,
+                model_cost_nanousd=model_cost,
+                cost_nanousd=fee + model_cost,
+                latency_ms=attempt.latency_ms,
+                error_type=attempt.error_type,
+                created_at=at,
+            )
+            if fee + model_cost > 0:
+                usage_debit(
+                    account_id=attempt.account_id,
+                    request_id=attempt.request_id,
+                    amount_nanousd=fee + model_cost,
+                    description=f"{attempt.provider}:{attempt.model}",
+                    at=at,
+                )
+            if attempt.key_id is not None:
+                access_key_touch(key_id=attempt.key_id, at=at)
+    except IntegrityError:
+        existing = UsageRecord.objects.filter(
+            request_id=attempt.request_id, attempt=attempt.attempt
+        ).first()
+        if existing is None:
+            raise
+        return existing
+    return record
