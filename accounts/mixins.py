@@ -13,7 +13,7 @@ def account_objects(model: type[models.Model], account: Account) -> models.Query
     """Return the rows of `model` that belong to `account`.
 
     Uses the model's `for_account` queryset method where it has one, so a lookup through
-    this queryset finds nothing for another account's row and the view answers 404.
+    this queryset finds nothing for another account's row and the view returns 404.
     """
     manager = model._default_manager
     if hasattr(manager, "for_account"):

@@ -15,13 +15,10 @@ RECENT_USAGE = 10
 
 class DashboardView(AccountRequiredMixin, View):
     def get(self, request):
-        recent = (
-            account_objects(UsageRecord, request.account)
-            .order_by("-created_at", "-id")[:RECENT_USAGE]
-        )
+        records = account_objects(UsageRecord, request.account).order_by("-created_at", "-id")
         context = {
             **balance_context(account=request.account),
-            "usage": usage_rows(recent),
+            "usage": usage_rows(records[:RECENT_USAGE]),
             "form": BuyCreditsForm(),
             "PUBLIC_URL": settings.PUBLIC_URL,
         }

@@ -35,7 +35,9 @@ class BuyCreditsForm(forms.Form):
                 "Enter an amount in dollars, such as 10.00.", code="invalid"
             ) from error
         if not dollars.is_finite():
-            raise forms.ValidationError("Enter an amount in dollars, such as 10.00.", code="invalid")
+            raise forms.ValidationError(
+                "Enter an amount in dollars, such as 10.00.", code="invalid"
+            )
 
         # Compare before scaling, so that an input such as "1e999999" cannot overflow.
         minimum = settings.CREDITS_MIN_PURCHASE_CENTS
@@ -59,5 +61,5 @@ class BuyCreditsForm(forms.Form):
 
     @property
     def amount_cents(self) -> int:
-        """Return the validated amount in cents; call only after `is_valid()` returned True."""
+        """Return the validated amount in cents. Call it only after `is_valid()` returned True."""
         return self.cleaned_data["amount"]

@@ -46,7 +46,7 @@ def balance_context(*, account) -> dict:
             "original": usd_exact(lot["original_nanousd"]),
             "remaining": usd_exact(lot["remaining_nanousd"]),
             "remaining_nanousd": lot["remaining_nanousd"],
-            # The API payload carries ISO 8601 strings; templates format datetimes.
+            # The API payload carries ISO 8601 strings, but the date filter needs datetimes.
             "created_at": parse_datetime(lot["created_at"]),
             "expires_at": parse_datetime(lot["expires_at"]),
         }
@@ -106,6 +106,7 @@ class CheckoutView(AccountRequiredMixin, View):
                 account=request.account, amount_cents=form.amount_cents, user=request.user
             )
         except CreditsError as error:
+            logger.info("Rejected checkout for account %s: %s", request.account.pk, error)
             form.add_error("amount", str(error))
             return _credits_page(request, form)
         except stripe.StripeError as error:
@@ -137,6 +138,7 @@ class CheckoutSuccessView(AccountRequiredMixin, View):
         try:
             lot = checkout_session_fulfil(session_id=purchase.stripe_session_id)
         except CreditsError as error:
+            logger.warning("Fulfilling checkout purchase %s failed: %s", purchase.pk, error)
             context["error"] = str(error)
         except stripe.StripeError as error:
             # The webhook and the reconcile task still credit the payment later.

@@ -105,13 +105,14 @@ MAX_BODY_BYTES = 1_000_000
 SESSION_LIFETIME_SECONDS = 24 * 60 * 60
 DEFAULT_CUSTOMER_EMAIL = "customer@example.com"
 
-# Limits that Stripe documents for metadata and client_reference_id.
+# Metadata limits from Stripe's API reference, docs.stripe.com/api/metadata.
 MAX_METADATA_KEYS = 50
 MAX_METADATA_KEY_LENGTH = 40
 MAX_METADATA_VALUE_LENGTH = 500
+# NOTE: These three limits were not checked against Stripe's docs. Stripe also has a
+# minimum charge for every currency, and only the USD one is checked here.
 MAX_CLIENT_REFERENCE_ID_LENGTH = 200
 MAX_AMOUNT = 99_999_999
-# NOTE: Stripe has a minimum charge per currency. Only the USD one (50 cents) is checked.
 MIN_USD_AMOUNT = 50
 
 ZERO_DECIMAL_CURRENCIES = frozenset(
@@ -296,7 +297,7 @@ def sign_payload(payload: bytes | str, secret: str, timestamp: int | None = None
 
 
 class _RejectRedirects(urllib.request.HTTPRedirectHandler):
-    # Stripe counts a 3xx reply as a failed delivery and does not follow it.
+    # Stripe's webhook docs count any 3xx reply as a failed delivery, so none is followed.
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
 
@@ -384,7 +385,6 @@ class StripeApiError(Exception):
         error: dict[str, Any] = {"type": self.error_type, "message": self.message}
         if self.code is not None:
             error["code"] = self.code
-            error["doc_url"] = f"https://stripe.com/docs/error-codes/{self.code.replace('_', '-')}"
         if self.param is not None:
             error["param"] = self.param
         return {"error": error}
@@ -620,7 +620,11 @@ def parse_line_item(raw: Any, index: int) -> dict[str, Any]:
     if not price_data:
         raise missing_param(f"{prefix}[price_data]")
     if not isinstance(price_data, dict):
-        raise invalid_param(f"{prefix}[price_data]", f"Invalid object: {prefix}[price_data].")
+        raise invalid_param(
+            f"{prefix}[price_data]",
+            f"Invalid object: {prefix}[price_data] must be a hash with currency, "
+            "unit_amount and product_data.",
+        )
     price_prefix = f"{prefix}[price_data]"
 
     currency = require_string(price_data, "currency", label=f"{price_prefix}[currency]").lower()
@@ -713,13 +717,18 @@ def parse_session_params(params: dict[str, Any]) -> dict[str, Any]:
         )
 
     client_reference_id = optional_string(params, "client_reference_id")
-    if client_reference_id is not None and len(client_reference_id) > MAX_CLIENT_REFERENCE_ID_LENGTH:
+    if (
+        client_reference_id is not None
+        and len(client_reference_id) > MAX_CLIENT_REFERENCE_ID_LENGTH
+    ):
         raise invalid_param(
             "client_reference_id",
             f"client_reference_id can be at most {MAX_CLIENT_REFERENCE_ID_LENGTH} characters.",
         )
     customer_email = optional_string(params, "customer_email")
-    if customer_email is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", customer_email):
+    if customer_email is not None and not re.fullmatch(
+        r"[^@\s]+@[^@\s]+\.[^@\s]+", customer_email
+    ):
         raise invalid_param("customer_email", f"Invalid email address: {customer_email}")
     if params.get("customer"):
         raise StripeApiError(
@@ -732,11 +741,19 @@ def parse_session_params(params: dict[str, Any]) -> dict[str, Any]:
 
     payment_intent_data = params.get("payment_intent_data") or {}
     if not isinstance(payment_intent_data, dict):
-        raise invalid_param("payment_intent_data", "Invalid object: payment_intent_data.")
+        raise invalid_param(
+            "payment_intent_data",
+            "Invalid object: payment_intent_data must be a hash, such as "
+            "payment_intent_data[metadata][key]=value.",
+        )
 
     payment_method_types = params.get("payment_method_types") or ["card"]
     if not isinstance(payment_method_types, list):
-        raise invalid_param("payment_method_types", "Invalid array: payment_method_types.")
+        raise invalid_param(
+            "payment_method_types",
+            "Invalid array: payment_method_types must be a list, such as "
+            "payment_method_types[0]=card.",
+        )
 
     created = now()
     expires_at = created + SESSION_LIFETIME_SECONDS
@@ -1070,7 +1087,8 @@ def payment_method_details(payment_method: dict[str, Any]) -> dict[str, Any]:
     details = {
         key: value
         for key, value in payment_method[method_type].items()
-        if key not in ("display_brand", "generated_from", "wallet", "financial_connections_account")
+        if key
+        not in ("display_brand", "generated_from", "wallet", "financial_connections_account")
     }
     return {"type": method_type, method_type: details}
 
@@ -1189,7 +1207,7 @@ def payment_intent_object(
 
 
 def balance_transaction_object(charge: dict[str, Any], created: int) -> dict[str, Any]:
-    # 2.9% + 30 cents is Stripe's published US card rate. The fee is only an example.
+    # An example fee of 2.9% plus 30 cents, so that net differs from amount.
     fee = round(charge["amount"] * 0.029) + 30
     return {
         "id": new_id("txn_"),
@@ -1394,6 +1412,7 @@ class ServerState:
         if session is None or session["object"] != "checkout.session":
             raise no_such_object("checkout.session", session_id)
         if session["status"] != "open":
+            # The error code is local to this server because Stripe's is not known here.
             raise StripeApiError(
                 400,
                 f"Checkout Session {session_id} is {session['status']}, and only an open "
@@ -1403,7 +1422,11 @@ class ServerState:
         return session
 
     def _event_for(
-        self, event_type: str, session: dict[str, Any], pending_webhooks: int, request: Request | None
+        self,
+        event_type: str,
+        session: dict[str, Any],
+        pending_webhooks: int,
+        request: Request | None,
     ) -> dict[str, Any]:
         event = build_event(
             event_type,
@@ -1458,7 +1481,7 @@ class ServerState:
                 payment_status="unpaid" if delayed else "paid",
                 payment_intent=payment_intent_id,
                 customer_details=customer_details(email),
-                # Stripe clears the URL once a session is no longer open.
+                # Stripe returns a session URL only while the session is open.
                 url=None,
             )
             event = self._event_for("checkout.session.completed", session, pending_webhooks, None)
@@ -1588,7 +1611,8 @@ def render_page(title: str, body: str) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 28rem; margin: 3rem auto; padding: 0 1rem; }}
+body {{ font-family: system-ui, sans-serif; max-width: 28rem; margin: 3rem auto; }}
+body {{ padding: 0 1rem; }}
 .notice {{ background: #fff4d6; padding: .5rem .75rem; border-radius: .25rem; }}
 table {{ width: 100%; border-collapse: collapse; margin: 1rem 0; }}
 td {{ padding: .25rem 0; }} td.amount {{ text-align: right; }}
@@ -1631,7 +1655,8 @@ def checkout_page(session: dict[str, Any], line_items: list[dict[str, Any]]) -> 
         "Checkout",
         f"""<h1>Checkout</h1>
 <table>{rows}
-<tr><td><strong>Total</strong></td><td class="amount" data-testid="total"><strong>{total}</strong></td></tr>
+<tr><td><strong>Total</strong></td>
+<td class="amount" data-testid="total"><strong>{total}</strong></td></tr>
 </table>
 <p>Paying as {email} with the test card ending in 4242.</p>
 <form method="post" action="/pay/{session_id}">
@@ -1762,7 +1787,7 @@ class StripeServerApp:
             await self._lifespan(receive, send)
             return
         if scope["type"] != "http":
-            return  # uvicorn rejects an unanswered websocket handshake with 403.
+            return  # Only HTTP is served.
 
         try:
             body = await read_body(receive)
@@ -1834,7 +1859,9 @@ class StripeServerApp:
         except Exception:
             logger.exception("Request %s %s failed", request.method, request.path)
             error = StripeApiError(
-                500, "The local Stripe server failed to handle the request.", error_type="api_error"
+                500,
+                "The local Stripe server failed to handle the request.",
+                error_type="api_error",
             )
             return json_response(500, error.body())
 
@@ -1903,7 +1930,9 @@ class StripeServerApp:
     async def _retrieve_account(self, request: Request) -> Response:
         return json_response(200, self.state.account())
 
-    async def _retrieve_object(self, request: Request, collection: str, object_id: str) -> Response:
+    async def _retrieve_object(
+        self, request: Request, collection: str, object_id: str
+    ) -> Response:
         object_type = COLLECTION_OBJECT_TYPES[collection]
         obj = self.state.get_object(object_id, object_type)
         if obj is None:

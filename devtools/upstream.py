@@ -199,6 +199,26 @@ def parse_header_flag(headers: dict[str, str], name: str) -> bool:
     raise RequestError(400, f"Invalid header {name}: {raw!r}, expected 1 or 0.")
 
 
+def control_values(request: "Request") -> dict[str, str]:
+    """Merge the ``x-upstream-*`` headers with the body's ``x_upstream`` object.
+
+    A proxy in front of this server forwards the body but not arbitrary headers, so
+    tests of such a proxy put the controls in the body: ``{"x_upstream":
+    {"output-tokens": 100000}}`` acts like the header ``x-upstream-output-tokens: 100000``.
+    Headers win where both are given.
+    """
+    values = dict(request.headers)
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return values
+    extra = body.get("x_upstream") if isinstance(body, dict) else None
+    if isinstance(extra, dict):
+        for name, value in extra.items():
+            values.setdefault(f"x-upstream-{name}", str(value))
+    return values
+
+
 def parse_controls(headers: dict[str, str]) -> Controls:
     """Read the ``x-upstream-*`` headers, raising a 400 on a malformed value."""
 
@@ -820,7 +840,7 @@ class UpstreamApp:
     ) -> None:
         headers = [(surface.request_id_header, new_id("req_").encode())]
         try:
-            controls = parse_controls(request.headers)
+            controls = parse_controls(control_values(request))
             if controls.delay_ms:
                 await asyncio.sleep(controls.delay_ms / 1000)
             surface.authenticate(request.headers)

@@ -1,5 +1,7 @@
 """Access key and usage pages of the dashboard."""
 
+import logging
+
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import HttpResponseRedirect
@@ -14,6 +16,8 @@ from credits.views import usd_short
 from gateway.forms import AccessKeyCreateForm
 from gateway.models import AccessKey, UsageRecord
 from gateway.services import AccessKeyError, access_key_create, access_key_revoke
+
+logger = logging.getLogger(__name__)
 
 USAGE_PAGE_SIZE = 50
 
@@ -61,6 +65,7 @@ class KeyCreateView(AccountRequiredMixin, View):
                 expires_at=form.expires_at,
             )
         except AccessKeyError as error:
+            logger.info("Rejected access key for account %s: %s", request.account.pk, error)
             form.add_error(None, str(error))
             return _keys_page(request, form)
 
