@@ -31,7 +31,14 @@ class LedgerEntryInline(admin.TabularInline):
 @admin.register(CreditLot)
 class CreditLotAdmin(ReadOnlyAdmin):
     list_display = [
-        "id", "account", "source", "status", "original", "remaining", "created_at", "expires_at",
+        "id",
+        "account",
+        "source",
+        "status",
+        "original",
+        "remaining",
+        "created_at",
+        "expires_at",
         "expired_at",
     ]
     list_filter = ["source", "status"]

@@ -44,8 +44,16 @@ class LotSerializer(serializers.ModelSerializer):
     class Meta:
         model = CreditLot
         fields = [
-            "id", "source", "status", "original_usd", "remaining_usd", "original_nanousd",
-            "remaining_nanousd", "created_at", "expires_at", "spendable",
+            "id",
+            "source",
+            "status",
+            "original_usd",
+            "remaining_usd",
+            "original_nanousd",
+            "remaining_nanousd",
+            "created_at",
+            "expires_at",
+            "spendable",
         ]
 
     def get_original_usd(self, lot: CreditLot) -> str:
@@ -74,8 +82,15 @@ class TransactionSerializer(serializers.ModelSerializer):
     class Meta:
         model = LedgerTransaction
         fields = [
-            "id", "kind", "amount_usd", "amount_nanousd", "balance_after_usd",
-            "balance_after_nanousd", "created_at", "request_id", "description",
+            "id",
+            "kind",
+            "amount_usd",
+            "amount_nanousd",
+            "balance_after_usd",
+            "balance_after_nanousd",
+            "created_at",
+            "request_id",
+            "description",
         ]
 
     def get_amount_usd(self, entry: LedgerTransaction) -> str:
@@ -106,9 +121,12 @@ class CheckoutSessionView(APIView):
 def balance_payload(*, account) -> dict:
     now = timezone.now()
     balance = account_balance(account_id=account.pk, at=now)
-    lots = CreditLot.objects.for_account(account).filter(
-        remaining_nanousd__gt=0, expires_at__gt=now
-    ).exclude(status=CreditLot.Status.VOIDED).draw_down_order()
+    lots = (
+        CreditLot.objects.for_account(account)
+        .filter(remaining_nanousd__gt=0, expires_at__gt=now)
+        .exclude(status=CreditLot.Status.VOIDED)
+        .draw_down_order()
+    )
     return {
         "balance_usd": format_usd(balance.balance_nanousd),
         "balance_nanousd": balance.balance_nanousd,

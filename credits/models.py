@@ -48,7 +48,10 @@ class CreditLot(models.Model):
     expires_at = models.DateTimeField()
     # Set once, when the expiry entry for the remainder is written.
     expired_at = models.DateTimeField(null=True, blank=True)
-    stripe_checkout_session_id = models.CharField(max_length=255, null=True, blank=True)
+    # NULL, not "", for grants: the unique constraint must skip lots without a session.
+    stripe_checkout_session_id = models.CharField(  # noqa: DJ001
+        max_length=255, null=True, blank=True
+    )
     stripe_payment_intent_id = models.CharField(max_length=255, blank=True, default="")
     amount_cents = models.IntegerField(null=True, blank=True)
     currency = models.CharField(max_length=3, default="usd")

@@ -23,7 +23,7 @@ def cents_from_nanousd(nanousd: int) -> int:
 
 
 def format_usd(nanousd: int) -> str:
-    """Format nano-dollars as a decimal USD string with nine places: 4999950000 -> "4.999950000"."""
+    """Format nano-dollars as a USD string with nine places: 4999950000 is "4.999950000"."""
     sign = "-" if nanousd < 0 else ""
     whole, fraction = divmod(abs(nanousd), NANOUSD_PER_USD)
     return f"{sign}{whole}.{fraction:09d}"

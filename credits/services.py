@@ -455,7 +455,9 @@ def checkout_session_create(*, account: Account, amount_cents: int, user: User |
         **_stripe_options(),
     )
     CheckoutPurchase.objects.create(
-        account=account, stripe_session_id=session["id"], amount_cents=amount_cents,
+        account=account,
+        stripe_session_id=session["id"],
+        amount_cents=amount_cents,
         created_by=user,
     )
     logger.info("Created checkout session for account %s, %s cents", account.pk, amount_cents)
@@ -600,7 +602,9 @@ def ledger_violations(*, account: Account, at: datetime | None = None) -> list[s
         .values_list("transaction_id", "total")
     )
     for ledger_transaction in transactions:
-        opened = ledger_transaction.opened_lot.original_nanousd if ledger_transaction.opened_lot else 0
+        opened = (
+            ledger_transaction.opened_lot.original_nanousd if ledger_transaction.opened_lot else 0
+        )
         entries = entry_sums.get(ledger_transaction.pk) or 0
         # An expiry moves a remainder that the balance had already dropped.
         if ledger_transaction.kind == LedgerTransaction.Kind.EXPIRY:

@@ -43,7 +43,11 @@ def demo_environment() -> dict[str, str]:
 
 def manage(env: dict[str, str], *args: str) -> str:
     result = subprocess.run(
-        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True,
+        [PYTHON, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
         text=True,
     )
     return result.stdout.strip()
@@ -76,23 +80,58 @@ def main() -> int:
     commands: list[list[str]] = []
     if env.get("OPENAI_API_KEY") == "demo-upstream-key":
         commands.append(
-            [PYTHON, "-m", "devtools.upstream", "--host", "127.0.0.1", "--port", str(UPSTREAM_PORT)]
+            [
+                PYTHON,
+                "-m",
+                "devtools.upstream",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(UPSTREAM_PORT),
+            ]
         )
     if env.get("STRIPE_API_HOST", "").startswith("http://127.0.0.1"):
         commands.append(
             [
-                PYTHON, "-m", "devtools.stripe_server", "--host", "127.0.0.1",
-                "--port", str(STRIPE_PORT), "--webhook-url", webhook_url,
-                "--webhook-secret", env["STRIPE_WEBHOOK_SECRET"],
+                PYTHON,
+                "-m",
+                "devtools.stripe_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(STRIPE_PORT),
+                "--webhook-url",
+                webhook_url,
+                "--webhook-secret",
+                env["STRIPE_WEBHOOK_SECRET"],
             ]
         )
     commands += [
         [
-            PYTHON, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",
-            "--port", str(PORT), "--no-access-log",
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "portal.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(PORT),
+            "--no-access-log",
         ],
-        [PYTHON, "-m", "celery", "-A", "portal", "worker", "--loglevel", "INFO",
-         "--concurrency", "2", "--pool", "threads"],
+        [
+            PYTHON,
+            "-m",
+            "celery",
+            "-A",
+            "portal",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "2",
+            "--pool",
+            "threads",
+        ],
         [PYTHON, "-m", "celery", "-A", "portal", "beat", "--loglevel", "INFO"],
     ]
     processes = [subprocess.Popen(command, cwd=ROOT, env=env) for command in commands]

@@ -199,7 +199,7 @@ def parse_header_flag(headers: dict[str, str], name: str) -> bool:
     raise RequestError(400, f"Invalid header {name}: {raw!r}, expected 1 or 0.")
 
 
-def control_values(request: "Request") -> dict[str, str]:
+def control_values(request: Request) -> dict[str, str]:
     """Merge the ``x-upstream-*`` headers with the body's ``x_upstream`` object.
 
     A proxy in front of this server forwards the body but not arbitrary headers, so

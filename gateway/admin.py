@@ -8,14 +8,34 @@ from gateway.models import AccessKey, ModelPrice, UsageRecord
 class AccessKeyAdmin(admin.ModelAdmin):
     """Keys by prefix and last four characters only; the hash is never shown."""
 
-    list_display = ["name", "display", "account", "scopes", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "name",
+        "display",
+        "account",
+        "scopes",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
     list_filter = ["revoked_at"]
     search_fields = ["name", "prefix", "account__slug"]
     list_select_related = ["account"]
     fields = [
-        "account", "name", "prefix", "last_four", "scopes", "allowed_providers", "allowed_models",
-        "spend_limit_nanousd", "spend_limit_period", "requests_per_minute", "created_at",
-        "created_by", "expires_at", "revoked_at", "last_used_at",
+        "account",
+        "name",
+        "prefix",
+        "last_four",
+        "scopes",
+        "allowed_providers",
+        "allowed_models",
+        "spend_limit_nanousd",
+        "spend_limit_period",
+        "requests_per_minute",
+        "created_at",
+        "created_by",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
     ]
     readonly_fields = fields
 
@@ -30,8 +50,13 @@ class AccessKeyAdmin(admin.ModelAdmin):
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
     list_display = [
-        "provider", "model", "input_nanousd_per_mtok", "output_nanousd_per_mtok",
-        "cache_read_nanousd_per_mtok", "cache_write_nanousd_per_mtok", "effective_from",
+        "provider",
+        "model",
+        "input_nanousd_per_mtok",
+        "output_nanousd_per_mtok",
+        "cache_read_nanousd_per_mtok",
+        "cache_write_nanousd_per_mtok",
+        "effective_from",
     ]
     list_filter = ["provider"]
     search_fields = ["model"]
@@ -40,8 +65,17 @@ class ModelPriceAdmin(admin.ModelAdmin):
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     list_display = [
-        "request_id", "attempt", "account", "provider", "model", "status", "input_tokens",
-        "output_tokens", "cost", "usage_estimated", "created_at",
+        "request_id",
+        "attempt",
+        "account",
+        "provider",
+        "model",
+        "status",
+        "input_tokens",
+        "output_tokens",
+        "cost",
+        "usage_estimated",
+        "created_at",
     ]
     list_filter = ["status", "provider", "key_source", "streamed", "usage_estimated"]
     search_fields = ["request_id", "account__slug", "model"]

@@ -14,8 +14,17 @@ class AccessKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = AccessKey
         fields = [
-            "id", "name", "prefix", "last_four", "scopes", "allowed_providers", "allowed_models",
-            "created_at", "expires_at", "revoked_at", "last_used_at",
+            "id",
+            "name",
+            "prefix",
+            "last_four",
+            "scopes",
+            "allowed_providers",
+            "allowed_models",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
         ]
 
 
@@ -62,7 +71,9 @@ class AccessKeyListView(APIView):
 
 class AccessKeyDetailView(APIView):
     def _get(self, request, key_id: int) -> AccessKey:
-        return get_object_or_404(AccessKey.objects.for_account(request_account(request)), pk=key_id)
+        return get_object_or_404(
+            AccessKey.objects.for_account(request_account(request)), pk=key_id
+        )
 
     @extend_schema(responses=AccessKeySerializer, summary="Show an access key")
     def get(self, request, key_id: int):
@@ -82,10 +93,27 @@ class UsageRecordSerializer(serializers.ModelSerializer):
     class Meta:
         model = UsageRecord
         fields = [
-            "request_id", "attempt", "provider", "model", "surface", "key_source", "status",
-            "http_status", "streamed", "input_tokens", "output_tokens", "cache_read_tokens",
-            "cache_write_tokens", "reasoning_tokens", "usage_estimated", "fee_usd",
-            "model_cost_usd", "cost_usd", "cost_nanousd", "latency_ms", "created_at",
+            "request_id",
+            "attempt",
+            "provider",
+            "model",
+            "surface",
+            "key_source",
+            "status",
+            "http_status",
+            "streamed",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "usage_estimated",
+            "fee_usd",
+            "model_cost_usd",
+            "cost_usd",
+            "cost_nanousd",
+            "latency_ms",
+            "created_at",
         ]
 
     def get_cost_usd(self, record: UsageRecord) -> str:

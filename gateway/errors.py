@@ -45,7 +45,10 @@ def error_body(error: GatewayError, *, surface: str) -> dict:
     if surface == ANTHROPIC:
         return {
             "type": "error",
-            "error": {"type": ANTHROPIC_TYPES.get(error.status, "api_error"), "message": error.message},
+            "error": {
+                "type": ANTHROPIC_TYPES.get(error.status, "api_error"),
+                "message": error.message,
+            },
         }
     return {
         "error": {

@@ -160,6 +160,8 @@ class UsageRecord(models.Model):
     @property
     def total_tokens(self) -> int:
         return (
-            self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+            self.input_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
             + self.output_tokens
         )

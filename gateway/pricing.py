@@ -21,7 +21,9 @@ class TokenUsage:
     @property
     def total_tokens(self) -> int:
         return (
-            self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+            self.input_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
             + self.output_tokens
         )
 

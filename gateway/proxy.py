@@ -177,7 +177,9 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
     except httpx.HTTPError as exc:
         logger.warning(
             "Upstream %s unreachable for request %s: %s",
-            admission.route.provider, request_id, type(exc).__name__,
+            admission.route.provider,
+            request_id,
+            type(exc).__name__,
         )
         await _meter_failure(admission, request_id, surface, streamed, started, "unreachable")
         error = GatewayError(
@@ -219,7 +221,11 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
 
 
 async def _meter_failure(
-    admission: Admission, request_id: str, surface: str, streamed: bool, started: float,
+    admission: Admission,
+    request_id: str,
+    surface: str,
+    streamed: bool,
+    started: float,
     error_type: str,
 ) -> None:
     await _meter(

@@ -96,7 +96,9 @@ def access_key_revoke(*, access_key: AccessKey) -> AccessKey:
         access_key.save(update_fields=["revoked_at"])
         key = ACCESS_KEY_CACHE_KEY.format(key_hash=access_key.key_hash)
         transaction.on_commit(lambda: cache.delete(key))
-        logger.info("Revoked access key %s of account %s", access_key.prefix, access_key.account_id)
+        logger.info(
+            "Revoked access key %s of account %s", access_key.prefix, access_key.account_id
+        )
     return access_key
 
 

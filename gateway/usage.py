@@ -60,9 +60,7 @@ def request_text(body: dict) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts.extend(
-                block.get("text", "") for block in content if isinstance(block, dict)
-            )
+            parts.extend(block.get("text", "") for block in content if isinstance(block, dict))
     return "\n".join(part for part in parts if isinstance(part, str))
 
 

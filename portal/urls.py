@@ -14,11 +14,18 @@ api_patterns = [
     path("keys", gateway_api.AccessKeyListView.as_view()),
     path("keys/<int:key_id>", gateway_api.AccessKeyDetailView.as_view()),
     path("usage", gateway_api.UsageRecordListView.as_view()),
-    path("schema", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]),
-         name="api-schema"),
-    path("docs", SpectacularSwaggerView.as_view(
-        url_name="api-schema", permission_classes=[], authentication_classes=[]),
-         name="api-docs"),
+    path(
+        "schema",
+        SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]),
+        name="api-schema",
+    ),
+    path(
+        "docs",
+        SpectacularSwaggerView.as_view(
+            url_name="api-schema", permission_classes=[], authentication_classes=[]
+        ),
+        name="api-docs",
+    ),
 ]
 
 urlpatterns = [

@@ -4,8 +4,6 @@ Tests run against the PostgreSQL and Redis that `make test` points them at
 (DATABASE_URL and REDIS_URL).
 """
 
-from dataclasses import dataclass
-
 import importlib
 import os
 import socket
@@ -13,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,9 +26,9 @@ from rest_framework.test import APIClient
 from accounts.models import Account, Membership, User
 from credits.money import nanousd_from_cents
 from credits.services import credit_grant
+from devtools import stripe_server, upstream
 from gateway.models import AccessKey
 from gateway.services import CreatedAccessKey, access_key_create
-from devtools import stripe_server, upstream
 from tests.factories import MembershipFactory, UserFactory
 
 
@@ -84,7 +83,6 @@ def funded(owner: Tenant) -> Tenant:
     """The owner's account with a USD 10.00 promotional lot."""
     credit_grant(account=owner.account, amount_nanousd=nanousd_from_cents(1000), reason="test")
     return owner
-
 
 
 @pytest.fixture
@@ -156,8 +154,15 @@ def server(django_db_setup, django_db_blocker, upstream_url, stripe_url, tmp_pat
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "uvicorn", "portal.asgi:application",
-                "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "portal.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
             ],
             env=env,
             stdout=log_file,

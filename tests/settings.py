@@ -10,8 +10,9 @@ from portal.settings import CACHES, REDIS_URL
 
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
 if REDIS_URL:
-    base, _, _database = REDIS_URL.rpartition("/")
-    CACHES["default"]["LOCATION"] = f"{base}/{15 - int(_worker or 0)}"
+    # Worker gwN uses the database N below the one REDIS_URL names.
+    base, _, database = REDIS_URL.rpartition("/")
+    CACHES["default"]["LOCATION"] = f"{base}/{int(database or 15) - int(_worker or 0)}"
     TEST_REDIS_URL = CACHES["default"]["LOCATION"]
 else:
     TEST_REDIS_URL = ""

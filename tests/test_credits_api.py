@@ -10,15 +10,22 @@ from credits.services import credit_grant, usage_debit
 def test_balance_lists_unexpired_lots_in_draw_down_order(owner):
     now = timezone.now()
     late = credit_grant(
-        account=owner.account, amount_nanousd=2_000_000_000, reason="late",
+        account=owner.account,
+        amount_nanousd=2_000_000_000,
+        reason="late",
         expires_at=now + timedelta(days=90),
     )
     soon = credit_grant(
-        account=owner.account, amount_nanousd=1_000_000_000, reason="soon",
+        account=owner.account,
+        amount_nanousd=1_000_000_000,
+        reason="soon",
         expires_at=now + timedelta(days=9),
     )
     credit_grant(
-        account=owner.account, amount_nanousd=7_000_000_000, reason="gone", at=now - timedelta(days=5),
+        account=owner.account,
+        amount_nanousd=7_000_000_000,
+        reason="gone",
+        at=now - timedelta(days=5),
         expires_at=now - timedelta(days=1),
     )
     usage_debit(account_id=owner.account.pk, request_id="req_1", amount_nanousd=50_000)
@@ -76,9 +83,7 @@ def test_inference_only_key_gets_403(owner):
 
 
 def test_checkout_session_returns_id_and_url(owner, stripe_url):
-    response = owner.api().post(
-        "/api/credits/checkout-session", {"amount": 500}, format="json"
-    )
+    response = owner.api().post("/api/credits/checkout-session", {"amount": 500}, format="json")
 
     assert response.status_code == 201
     body = response.json()
@@ -87,7 +92,9 @@ def test_checkout_session_returns_id_and_url(owner, stripe_url):
     assert body["amount"] == 500
     purchase = CheckoutPurchase.objects.get()
     assert (purchase.account, purchase.stripe_session_id, purchase.amount_cents) == (
-        owner.account, body["id"], 500
+        owner.account,
+        body["id"],
+        500,
     )
     assert CreditLot.objects.count() == 0
 

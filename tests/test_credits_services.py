@@ -23,7 +23,11 @@ USD = 1_000_000_000
 
 def grant(account, usd: int, *, at: datetime, expires_at: datetime | None = None) -> CreditLot:
     return credit_grant(
-        account=account, amount_nanousd=usd * USD, reason="test", at=at, expires_at=expires_at,
+        account=account,
+        amount_nanousd=usd * USD,
+        reason="test",
+        at=at,
+        expires_at=expires_at,
         idempotency_key=f"grant-{at.isoformat()}-{usd}-{expires_at}",
     )
 
@@ -161,11 +165,17 @@ def test_lot_not_yet_expired_is_left_alone(funded):
 
 def test_purchase_lot_is_created_once_per_session(owner):
     lot, created = purchase_lot_create(
-        account_id=owner.account.pk, session_id="cs_test_1", amount_cents=500, currency="usd",
+        account_id=owner.account.pk,
+        session_id="cs_test_1",
+        amount_cents=500,
+        currency="usd",
         payment_intent_id="pi_1",
     )
     again, created_again = purchase_lot_create(
-        account_id=owner.account.pk, session_id="cs_test_1", amount_cents=500, currency="usd",
+        account_id=owner.account.pk,
+        session_id="cs_test_1",
+        amount_cents=500,
+        currency="usd",
         payment_intent_id="pi_1",
     )
 

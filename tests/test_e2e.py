@@ -111,7 +111,11 @@ def test_buy_call_run_out_buy_again_expire(server, stripe_url, upstream_url, own
     assert completion.usage.prompt_tokens == 2
     assert completion.usage.completion_tokens == 8
     record = UsageRecord.objects.get(request_id=request_id)
-    assert (record.fee_nanousd, record.model_cost_nanousd, record.cost_nanousd) == (500, 5100, 5600)
+    assert (record.fee_nanousd, record.model_cost_nanousd, record.cost_nanousd) == (
+        500,
+        5100,
+        5600,
+    )
     assert balance(server, key)["balance_nanousd"] == START_BALANCE - 5600
 
     # 3. OpenAI SDK, streamed without include_usage: no usage chunk reaches the client.

@@ -136,9 +136,7 @@ def test_negative_balance_is_402(funded, model_prices, django_capture_on_commit_
 
 
 def test_management_only_key_cannot_call_gateway(funded, model_prices):
-    created = access_key_create(
-        account=funded.account, name="api only", scopes=["management"]
-    )
+    created = access_key_create(account=funded.account, name="api only", scopes=["management"])
     response = post(CHAT, CHAT_BODY, key=created.raw_key)
     assert response.status_code == 403
     assert openai_error(response)["code"] == "insufficient_scope"

@@ -60,11 +60,15 @@ def test_usage_lists_only_own_records(owner, outsider):
     from gateway.models import UsageRecord
 
     UsageRecord.objects.create(
-        request_id="req_x", account=owner.account, provider="openai", model="gpt-4o-mini",
-        surface="openai", key_source="builtin", status="succeeded", cost_nanousd=5600,
+        request_id="req_x",
+        account=owner.account,
+        provider="openai",
+        model="gpt-4o-mini",
+        surface="openai",
+        key_source="builtin",
+        status="succeeded",
+        cost_nanousd=5600,
     )
     assert outsider.api().get("/api/usage").json()["results"] == []
     rows = owner.api().get("/api/usage").json()["results"]
-    assert [(row["request_id"], row["cost_usd"]) for row in rows] == [
-        ("req_x", "0.000005600")
-    ]
+    assert [(row["request_id"], row["cost_usd"]) for row in rows] == [("req_x", "0.000005600")]

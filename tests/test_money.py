@@ -1,8 +1,8 @@
 import pytest
 
 from credits.money import (
-    cents_from_nanousd,
     ceil_div,
+    cents_from_nanousd,
     format_usd,
     format_usd_short,
     nanousd_from_cents,

@@ -5,12 +5,12 @@ Sources: openai.com/api/pricing and anthropic.com/pricing (standard tier, as lis
 a price from that instant on.
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.db import migrations
 
-EFFECTIVE_FROM = datetime(2025, 1, 1, tzinfo=timezone.utc)
+EFFECTIVE_FROM = datetime(2025, 1, 1, tzinfo=UTC)
 
 # provider, model, input, output, cache read, cache write (USD per million tokens)
 PRICES = [

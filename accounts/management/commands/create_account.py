@@ -12,7 +12,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--email", required=True, help="Owner's email address.")
         parser.add_argument("--name", required=True, help="Account name shown in the dashboard.")
-        parser.add_argument("--slug", help="URL-safe identifier; derived from the name if omitted.")
+        parser.add_argument(
+            "--slug", help="URL-safe identifier; derived from the name if omitted."
+        )
         parser.add_argument(
             "--password", help="Password for a new user; without it the user cannot sign in yet."
         )
@@ -21,7 +23,9 @@ class Command(BaseCommand):
         try:
             validate_email(options["email"])
         except ValidationError as error:
-            raise CommandError(f"--email {options['email']!r} is not a valid email address.") from error
+            raise CommandError(
+                f"--email {options['email']!r} is not a valid email address."
+            ) from error
         name = options["name"].strip()
         if not name:
             raise CommandError("--name must not be empty.")

@@ -12,7 +12,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         if not settings.STRIPE_WEBHOOK_SECRET:
-            raise CommandError("STRIPE_WEBHOOK_SECRET is not set; copy it from Stripe (whsec_...).")
+            raise CommandError(
+                "STRIPE_WEBHOOK_SECRET is not set; copy it from Stripe (whsec_...)."
+            )
         try:
             url = stripe_webhook_endpoint_configure(
                 secret=settings.STRIPE_WEBHOOK_SECRET,
