@@ -1,23 +1,21 @@
-"""Ledger operations. Each one is a transaction that locks the account row first.
+"""The ledger core: balances, lots, debits and expiry.
 
-Every mutation goes through `_locked_account`, so operations on one account run one at
-a time, and each carries a unique idempotency key, so a retry changes nothing.
+Every mutation locks the account row first (`locked_account`), so operations on one
+account run one at a time, and carries a unique idempotency key, so a retry changes
+nothing. The other service modules build on `locked_account`, `transaction_record` and
+`lot_open`.
 """
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-import stripe
 from dateutil.relativedelta import relativedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import Min, Sum
 from django.utils import timezone
-from djstripe.models import WebhookEndpoint
-from djstripe.settings import djstripe_settings
 
 from accounts.models import Account, User
 from credits.models import CheckoutPurchase, CreditLot, LedgerEntry, LedgerTransaction
@@ -26,8 +24,6 @@ from credits.money import nanousd_from_cents
 logger = logging.getLogger(__name__)
 
 BALANCE_CACHE_KEY = "credits:balance:{account_id}"
-# dj-stripe keys endpoints by Stripe id; this one is configured locally, not synced.
-LOCAL_WEBHOOK_ENDPOINT_ID = "we_tollbooth_configured"
 
 
 class CreditsError(Exception):
@@ -84,20 +80,20 @@ def account_balance_cached(*, account_id: int) -> int:
     return balance.balance_nanousd
 
 
-def _balance_cache_evict_on_commit(account_id: int) -> None:
+def balance_cache_evict_on_commit(account_id: int) -> None:
     key = BALANCE_CACHE_KEY.format(account_id=account_id)
     transaction.on_commit(lambda: cache.delete(key))
 
 
-def _locked_account(account_id: int) -> Account:
+def locked_account(account_id: int) -> Account:
     return Account.objects.select_for_update().get(pk=account_id)
 
 
-def _existing_transaction(idempotency_key: str) -> LedgerTransaction | None:
+def existing_transaction(idempotency_key: str) -> LedgerTransaction | None:
     return LedgerTransaction.objects.filter(idempotency_key=idempotency_key).first()
 
 
-def _record_transaction(
+def transaction_record(
     *,
     account: Account,
     kind: str,
@@ -135,11 +131,11 @@ def _record_transaction(
         for lot, amount in entries
         if amount != 0
     )
-    _balance_cache_evict_on_commit(account.pk)
+    balance_cache_evict_on_commit(account.pk)
     return ledger_transaction
 
 
-def _lot_open(
+def lot_open(
     *,
     account: Account,
     source: str,
@@ -171,7 +167,7 @@ def _lot_open(
         account.debt_nanousd -= repayment
         account.save(update_fields=["debt_nanousd"])
         entries = [(lot, -repayment), (None, repayment)]
-    _record_transaction(
+    transaction_record(
         account=account,
         kind=kind,
         idempotency_key=idempotency_key,
@@ -207,12 +203,12 @@ def credit_grant(
         raise CreditsError("A grant's expiry must be in the future.")
     key = idempotency_key or f"grant:{account.pk}:{at.isoformat()}:{amount_nanousd}"
 
-    locked = _locked_account(account.pk)
-    existing = _existing_transaction(key)
+    locked = locked_account(account.pk)
+    existing = existing_transaction(key)
     if existing is not None:
         assert existing.opened_lot is not None
         return existing.opened_lot
-    lot = _lot_open(
+    lot = lot_open(
         account=locked,
         source=CreditLot.Source.GRANT,
         amount_nanousd=amount_nanousd,
@@ -262,7 +258,7 @@ def usage_debit(
             )
     except IntegrityError:
         # A concurrent debit of the same request id won the race on the unique key.
-        existing = _existing_transaction(key)
+        existing = existing_transaction(key)
         if existing is None:
             raise
         return Debit(transaction=existing, created=False)
@@ -277,8 +273,8 @@ def _usage_debit_locked(
     description: str,
     at: datetime,
 ) -> Debit:
-    account = _locked_account(account_id)
-    existing = _existing_transaction(key)
+    account = locked_account(account_id)
+    existing = existing_transaction(key)
     if existing is not None:
         return Debit(transaction=existing, created=False)
 
@@ -306,7 +302,7 @@ def _usage_debit_locked(
         account.save(update_fields=["debt_nanousd"])
         entries.append((None, -outstanding))
 
-    ledger_transaction = _record_transaction(
+    ledger_transaction = transaction_record(
         account=account,
         kind=LedgerTransaction.Kind.USAGE,
         idempotency_key=key,
@@ -329,10 +325,10 @@ def credit_lot_expire(*, lot_id: int, at: datetime | None = None) -> LedgerTrans
     lot = CreditLot.objects.get(pk=lot_id)
     if at < lot.expires_at:
         return None
-    account = _locked_account(lot.account_id)
+    account = locked_account(lot.account_id)
     lot = CreditLot.objects.select_for_update().get(pk=lot_id)
     key = f"expire:{lot.pk}"
-    if lot.expired_at is not None or _existing_transaction(key) is not None:
+    if lot.expired_at is not None or existing_transaction(key) is not None:
         return None
 
     remainder = lot.remaining_nanousd
@@ -340,7 +336,7 @@ def credit_lot_expire(*, lot_id: int, at: datetime | None = None) -> LedgerTrans
     lot.expired_at = at
     lot.save(update_fields=["remaining_nanousd", "expired_at"])
     # The balance already excluded this lot, so the balance change is zero.
-    ledger_transaction = _record_transaction(
+    ledger_transaction = transaction_record(
         account=account,
         kind=LedgerTransaction.Kind.EXPIRY,
         idempotency_key=key,
@@ -386,11 +382,11 @@ def purchase_lot_create(
     Returns the lot and whether this call created it.
     """
     at = at or timezone.now()
-    account = _locked_account(account_id)
+    account = locked_account(account_id)
     existing = CreditLot.objects.filter(stripe_checkout_session_id=session_id).first()
     if existing is not None:
         return existing, False
-    lot = _lot_open(
+    lot = lot_open(
         account=account,
         source=CreditLot.Source.PURCHASE,
         amount_nanousd=nanousd_from_cents(amount_cents),
@@ -409,153 +405,6 @@ def purchase_lot_create(
     )
     logger.info("Created lot %s from checkout session for account %s", lot.pk, account.pk)
     return lot, True
-
-
-def _stripe_options() -> dict:
-    return {"api_key": settings.STRIPE_SECRET_KEY}
-
-
-@transaction.atomic
-def checkout_session_create(*, account: Account, amount_cents: int, user: User | None) -> dict:
-    """Start a Stripe Checkout Session for `amount_cents` of credits.
-
-    Returns the session's id and URL. The amount is validated here, so the dashboard
-    and the API reject the same inputs.
-    """
-    if isinstance(amount_cents, bool) or not isinstance(amount_cents, int):
-        raise CreditsError("amount must be an integer number of cents, such as 500 for USD 5.00.")
-    minimum = settings.CREDITS_MIN_PURCHASE_CENTS
-    maximum = settings.CREDITS_MAX_PURCHASE_CENTS
-    if amount_cents < minimum:
-        raise CreditsError(f"amount must be at least {minimum} cents (USD {minimum / 100:.2f}).")
-    if amount_cents > maximum:
-        raise CreditsError(f"amount must be at most {maximum} cents (USD {maximum / 100:.2f}).")
-    if account.is_frozen:
-        raise CreditsError("This account is frozen; contact support to buy credits.")
-
-    base = settings.PUBLIC_URL
-    session = stripe.checkout.Session.create(
-        mode="payment",
-        client_reference_id=str(account.pk),
-        customer_email=user.email if user else None,
-        line_items=[
-            {
-                "quantity": 1,
-                "price_data": {
-                    "currency": "usd",
-                    "unit_amount": amount_cents,
-                    "product_data": {"name": "Tollbooth credits"},
-                },
-            }
-        ],
-        metadata={"tollbooth_account_id": str(account.pk)},
-        payment_intent_data={"metadata": {"tollbooth_account_id": str(account.pk)}},
-        success_url=f"{base}/credits/success/?session_id={{CHECKOUT_SESSION_ID}}",
-        cancel_url=f"{base}/credits/",
-        **_stripe_options(),
-    )
-    CheckoutPurchase.objects.create(
-        account=account,
-        stripe_session_id=session["id"],
-        amount_cents=amount_cents,
-        created_by=user,
-    )
-    logger.info("Created checkout session for account %s, %s cents", account.pk, amount_cents)
-    return {"id": session["id"], "url": session["url"]}
-
-
-def _session_account_id(session: Mapping) -> int | None:
-    purchase = CheckoutPurchase.objects.filter(stripe_session_id=session["id"]).first()
-    if purchase is not None:
-        return purchase.account_id
-    reference = session.get("client_reference_id") or (session.get("metadata") or {}).get(
-        "tollbooth_account_id"
-    )
-    if reference and str(reference).isdigit():
-        return int(reference)
-    return None
-
-
-def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
-    """Turn a paid Checkout Session into exactly one lot.
-
-    Reads amount, currency and payment status from the session as retrieved from Stripe,
-    never from the caller. Returns None while the session is unpaid.
-    """
-    session = stripe.checkout.Session.retrieve(session_id, **_stripe_options())
-    if session.get("payment_status") != "paid":
-        logger.info("Checkout session not paid yet, status %s", session.get("payment_status"))
-        return None
-    if (session.get("currency") or "").lower() != "usd":
-        raise CreditsError("Only USD checkout sessions can be fulfilled.")
-    account_id = _session_account_id(session)
-    if account_id is None:
-        raise CreditsError("The checkout session does not belong to a Tollbooth account.")
-    payment_intent = session.get("payment_intent") or ""
-    if not isinstance(payment_intent, str):
-        payment_intent = payment_intent.get("id", "")
-    lot, _created = purchase_lot_create(
-        account_id=account_id,
-        session_id=session["id"],
-        amount_cents=int(session["amount_total"]),
-        currency="usd",
-        payment_intent_id=payment_intent,
-    )
-    return lot
-
-
-def checkout_sessions_reconcile(*, at: datetime | None = None) -> int:
-    """Fulfil open purchases whose session Stripe reports paid; return how many were fulfilled.
-
-    Sessions stay open for at most 24 hours at Stripe, so older ones are marked expired.
-    """
-    at = at or timezone.now()
-    fulfilled = 0
-    for purchase in CheckoutPurchase.objects.filter(status=CheckoutPurchase.Status.OPEN):
-        try:
-            lot = checkout_session_fulfil(session_id=purchase.stripe_session_id)
-        except stripe.StripeError as error:
-            logger.warning(
-                "Reconciling checkout purchase %s failed: %s", purchase.pk, type(error).__name__
-            )
-            continue
-        if lot is not None:
-            fulfilled += 1
-        elif at - purchase.created_at > relativedelta(days=2):
-            CheckoutPurchase.objects.filter(pk=purchase.pk).update(
-                status=CheckoutPurchase.Status.EXPIRED
-            )
-    return fulfilled
-
-
-@transaction.atomic
-def stripe_webhook_endpoint_configure(*, secret: str, public_url: str, uuid: str = "") -> str:
-    """Store the webhook endpoint dj-stripe verifies against, without calling Stripe.
-
-    Returns the URL to register in the Stripe dashboard. The endpoint's UUID (its path)
-    stays the same across runs unless `uuid` sets another.
-    """
-    if not secret.startswith("whsec_"):
-        raise CreditsError("STRIPE_WEBHOOK_SECRET must start with whsec_.")
-    endpoint = WebhookEndpoint.objects.filter(id=LOCAL_WEBHOOK_ENDPOINT_ID).first()
-    if endpoint is None:
-        endpoint = WebhookEndpoint(
-            id=LOCAL_WEBHOOK_ENDPOINT_ID,
-            livemode=settings.STRIPE_LIVE_MODE,
-            enabled_events=["*"],
-            status="enabled",
-            api_version=djstripe_settings.STRIPE_API_VERSION,
-        )
-    if uuid:
-        endpoint.djstripe_uuid = uuid
-    endpoint.secret = secret
-    endpoint.livemode = settings.STRIPE_LIVE_MODE
-    endpoint.save()
-    url = f"{public_url}/stripe/webhook/{endpoint.djstripe_uuid}/"
-    if endpoint.url != url:
-        endpoint.url = url
-        endpoint.save(update_fields=["url"])
-    return url
 
 
 def ledger_violations(*, account: Account, at: datetime | None = None) -> list[str]:

@@ -1,0 +1,169 @@
+"""Stripe Checkout: start a session, fulfil it once, reconcile missed webhooks."""
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+
+import stripe
+from dateutil.relativedelta import relativedelta
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from djstripe.models import WebhookEndpoint
+from djstripe.settings import djstripe_settings
+
+from accounts.models import Account, User
+from credits.models import CheckoutPurchase, CreditLot
+from credits.services.ledger import CreditsError, purchase_lot_create
+
+logger = logging.getLogger(__name__)
+
+# dj-stripe keys endpoints by Stripe id; this one is configured locally, not synced.
+LOCAL_WEBHOOK_ENDPOINT_ID = "we_tollbooth_configured"
+
+
+def _stripe_options() -> dict:
+    return {"api_key": settings.STRIPE_SECRET_KEY}
+
+
+@transaction.atomic
+def checkout_session_create(*, account: Account, amount_cents: int, user: User | None) -> dict:
+    """Start a Stripe Checkout Session for `amount_cents` of credits.
+
+    Returns the session's id and URL. The amount is validated here, so the dashboard
+    and the API reject the same inputs.
+    """
+    if isinstance(amount_cents, bool) or not isinstance(amount_cents, int):
+        raise CreditsError("amount must be an integer number of cents, such as 500 for USD 5.00.")
+    minimum = settings.CREDITS_MIN_PURCHASE_CENTS
+    maximum = settings.CREDITS_MAX_PURCHASE_CENTS
+    if amount_cents < minimum:
+        raise CreditsError(f"amount must be at least {minimum} cents (USD {minimum / 100:.2f}).")
+    if amount_cents > maximum:
+        raise CreditsError(f"amount must be at most {maximum} cents (USD {maximum / 100:.2f}).")
+    if account.is_frozen:
+        raise CreditsError("This account is frozen; contact support to buy credits.")
+
+    base = settings.PUBLIC_URL
+    session = stripe.checkout.Session.create(
+        mode="payment",
+        client_reference_id=str(account.pk),
+        customer_email=user.email if user else None,
+        line_items=[
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": amount_cents,
+                    "product_data": {"name": "Tollbooth credits"},
+                },
+            }
+        ],
+        metadata={"tollbooth_account_id": str(account.pk)},
+        payment_intent_data={"metadata": {"tollbooth_account_id": str(account.pk)}},
+        success_url=f"{base}/credits/success/?session_id={{CHECKOUT_SESSION_ID}}",
+        cancel_url=f"{base}/credits/",
+        **_stripe_options(),
+    )
+    CheckoutPurchase.objects.create(
+        account=account,
+        stripe_session_id=session["id"],
+        amount_cents=amount_cents,
+        created_by=user,
+    )
+    logger.info("Created checkout session for account %s, %s cents", account.pk, amount_cents)
+    return {"id": session["id"], "url": session["url"]}
+
+
+def _session_account_id(session: Mapping) -> int | None:
+    purchase = CheckoutPurchase.objects.filter(stripe_session_id=session["id"]).first()
+    if purchase is not None:
+        return purchase.account_id
+    reference = session.get("client_reference_id") or (session.get("metadata") or {}).get(
+        "tollbooth_account_id"
+    )
+    if reference and str(reference).isdigit():
+        return int(reference)
+    return None
+
+
+def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
+    """Turn a paid Checkout Session into exactly one lot.
+
+    Reads amount, currency and payment status from the session as retrieved from Stripe,
+    never from the caller. Returns None while the session is unpaid.
+    """
+    session = stripe.checkout.Session.retrieve(session_id, **_stripe_options())
+    if session.get("payment_status") != "paid":
+        logger.info("Checkout session not paid yet, status %s", session.get("payment_status"))
+        return None
+    if (session.get("currency") or "").lower() != "usd":
+        raise CreditsError("Only USD checkout sessions can be fulfilled.")
+    account_id = _session_account_id(session)
+    if account_id is None:
+        raise CreditsError("The checkout session does not belong to a Tollbooth account.")
+    payment_intent = session.get("payment_intent") or ""
+    if not isinstance(payment_intent, str):
+        payment_intent = payment_intent.get("id", "")
+    lot, _created = purchase_lot_create(
+        account_id=account_id,
+        session_id=session["id"],
+        amount_cents=int(session["amount_total"]),
+        currency="usd",
+        payment_intent_id=payment_intent,
+    )
+    return lot
+
+
+def checkout_sessions_reconcile(*, at: datetime | None = None) -> int:
+    """Fulfil open purchases whose session Stripe reports paid; return how many were fulfilled.
+
+    Sessions stay open for at most 24 hours at Stripe, so older ones are marked expired.
+    """
+    at = at or timezone.now()
+    fulfilled = 0
+    for purchase in CheckoutPurchase.objects.filter(status=CheckoutPurchase.Status.OPEN):
+        try:
+            lot = checkout_session_fulfil(session_id=purchase.stripe_session_id)
+        except stripe.StripeError as error:
+            logger.warning(
+                "Reconciling checkout purchase %s failed: %s", purchase.pk, type(error).__name__
+            )
+            continue
+        if lot is not None:
+            fulfilled += 1
+        elif at - purchase.created_at > relativedelta(days=2):
+            CheckoutPurchase.objects.filter(pk=purchase.pk).update(
+                status=CheckoutPurchase.Status.EXPIRED
+            )
+    return fulfilled
+
+
+@transaction.atomic
+def stripe_webhook_endpoint_configure(*, secret: str, public_url: str, uuid: str = "") -> str:
+    """Store the webhook endpoint dj-stripe verifies against, without calling Stripe.
+
+    Returns the URL to register in the Stripe dashboard. The endpoint's UUID (its path)
+    stays the same across runs unless `uuid` sets another.
+    """
+    if not secret.startswith("whsec_"):
+        raise CreditsError("STRIPE_WEBHOOK_SECRET must start with whsec_.")
+    endpoint = WebhookEndpoint.objects.filter(id=LOCAL_WEBHOOK_ENDPOINT_ID).first()
+    if endpoint is None:
+        endpoint = WebhookEndpoint(
+            id=LOCAL_WEBHOOK_ENDPOINT_ID,
+            livemode=settings.STRIPE_LIVE_MODE,
+            enabled_events=["*"],
+            status="enabled",
+            api_version=djstripe_settings.STRIPE_API_VERSION,
+        )
+    if uuid:
+        endpoint.djstripe_uuid = uuid
+    endpoint.secret = secret
+    endpoint.livemode = settings.STRIPE_LIVE_MODE
+    endpoint.save()
+    url = f"{public_url}/stripe/webhook/{endpoint.djstripe_uuid}/"
+    if endpoint.url != url:
+        endpoint.url = url
+        endpoint.save(update_fields=["url"])
+    return url
