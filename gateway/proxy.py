@@ -10,6 +10,7 @@ the whole stream sees its charge.
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -88,6 +89,8 @@ def upstream_request_parts(
     """Build the upstream URL, headers and body for a route."""
     upstream_body = dict(body)
     upstream_body["model"] = route.model
+    # The fallback chain is the gateway's; providers reject the unknown parameter.
+    upstream_body.pop("models", None)
     if route.api_format == OPENAI:
         url = f"{route.base_url}/chat/completions"
         headers = {"authorization": f"Bearer {route.api_key}"}
@@ -111,6 +114,8 @@ def upstream_request_parts(
 async def _meter(
     *,
     admission: Admission,
+    route: Route,
+    attempt: int,
     request_id: str,
     surface: str,
     status: str,
@@ -118,25 +123,32 @@ async def _meter(
     streamed: bool,
     usage: TokenUsage,
     started: float,
+    final: bool,
     error_type: str = "",
 ) -> None:
-    attempt = Attempt(
+    """Record one attempt and charge it; `final` marks the attempt that ends the request."""
+    record = Attempt(
         request_id=request_id,
+        attempt=attempt,
         account_id=admission.identity.account_id,
         key_id=admission.identity.key_id,
-        provider=admission.route.provider,
-        model=admission.route.model,
+        provider=route.provider,
+        model=route.model,
         surface=surface,
-        key_source=admission.route.key_source,
+        key_source=route.key_source,
         status=status,
         http_status=http_status,
         streamed=streamed,
         usage=usage,
         latency_ms=int((time.monotonic() - started) * 1000),
         error_type=error_type,
-        price=admission.route.price,
+        price=route.price,
     )
-    await sync_to_async(usage_record, thread_sensitive=False)(attempt=attempt)
+    await sync_to_async(usage_record, thread_sensitive=False)(attempt=record)
+
+
+# Upstream answers after which the next model of a `models` fallback chain is tried.
+RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
 
 
 async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
@@ -152,123 +164,120 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
         return error_response(invalid_json(), surface=surface, request_id=request_id)
     try:
         admission = await sync_to_async(request_admit, thread_sensitive=False)(
-            raw_key=raw_key, model=body.get("model"), surface=surface
+            raw_key=raw_key, body=body, surface=surface
         )
     except GatewayError as error:
         return error_response(error, surface=surface, request_id=request_id)
 
-    # 2. Forward.
-    url, headers, upstream_body = upstream_request_parts(
-        route=admission.route, body=body, request=request
-    )
+    # 2. Try each route of the fallback chain until one answers without a retryable error.
     client = upstream_client()
     streamed = bool(body.get("stream"))
-    upstream_request = client.build_request(
-        "POST", url, headers=headers, content=json.dumps(upstream_body).encode()
-    )
-    try:
-        upstream = await client.send(upstream_request, stream=True)
-    except httpx.TimeoutException:
-        await _meter_failure(admission, request_id, surface, streamed, started, "timeout")
-        error = GatewayError(
-            504, "The upstream provider timed out.", openai_type="api_error", code="timeout"
+    routes = admission.routes
+    for index, route in enumerate(routes, start=1):
+        last = index == len(routes)
+        meter_args = {
+            "admission": admission,
+            "route": route,
+            "attempt": index,
+            "request_id": request_id,
+            "surface": surface,
+            "streamed": streamed,
+            "started": started,
+        }
+        url, headers, upstream_body = upstream_request_parts(
+            route=route, body=body, request=request
         )
-        return error_response(error, surface=surface, request_id=request_id)
-    except httpx.HTTPError as exc:
-        logger.warning(
-            "Upstream %s unreachable for request %s: %s",
-            admission.route.provider,
-            request_id,
-            type(exc).__name__,
+        upstream_request = client.build_request(
+            "POST", url, headers=headers, content=json.dumps(upstream_body).encode()
         )
-        await _meter_failure(admission, request_id, surface, streamed, started, "unreachable")
-        error = GatewayError(
-            502,
-            f"The upstream provider `{admission.route.provider}` could not be reached.",
-            openai_type="api_error",
-            code="upstream_unreachable",
-        )
-        return error_response(error, surface=surface, request_id=request_id)
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            logger.warning(
+                "Upstream %s failed for request %s attempt %s: %s",
+                route.provider,
+                request_id,
+                index,
+                type(exc).__name__,
+            )
+            await _meter(
+                **meter_args,
+                status=UsageRecord.Status.FAILED,
+                http_status=None,
+                usage=TokenUsage(),
+                final=last,
+                error_type="timeout" if timed_out else "unreachable",
+            )
+            if not last:
+                continue
+            if timed_out:
+                error = GatewayError(
+                    504,
+                    "The upstream provider timed out.",
+                    openai_type="api_error",
+                    code="timeout",
+                )
+            else:
+                error = GatewayError(
+                    502,
+                    f"The upstream provider `{route.provider}` could not be reached.",
+                    openai_type="api_error",
+                    code="upstream_unreachable",
+                )
+            return error_response(error, surface=surface, request_id=request_id)
 
-    # 3. Upstream errors pass through with their status and body, uncharged.
-    if upstream.status_code >= 400 or not streamed:
-        return await _whole_response(
+        if upstream.status_code in RETRYABLE_STATUS and not last:
+            await upstream.aclose()
+            await _meter(
+                **meter_args,
+                status=UsageRecord.Status.UPSTREAM_ERROR,
+                http_status=upstream.status_code,
+                usage=TokenUsage(),
+                final=False,
+                error_type=f"http_{upstream.status_code}",
+            )
+            continue
+
+        # 3. Upstream errors pass through with their status and body, uncharged.
+        if upstream.status_code >= 400 or not streamed:
+            return await _whole_response(upstream=upstream, meter_args=meter_args)
+
+        client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        events = _stream_events(
             upstream=upstream,
-            admission=admission,
-            request_id=request_id,
-            surface=surface,
-            streamed=streamed,
-            started=started,
+            meter_args=meter_args,
+            body=body,
+            client_wants_usage=client_wants_usage,
         )
-
-    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    events = _stream_events(
-        upstream=upstream,
-        admission=admission,
-        request_id=request_id,
-        surface=surface,
-        body=body,
-        client_wants_usage=client_wants_usage,
-        started=started,
-    )
-    response = StreamingHttpResponse(
-        events, status=upstream.status_code, content_type="text/event-stream; charset=utf-8"
-    )
-    response["cache-control"] = "no-cache"
-    response["x-accel-buffering"] = "no"
-    set_request_id(response, request_id=request_id, surface=surface)
-    return response
+        response = StreamingHttpResponse(
+            events, status=upstream.status_code, content_type="text/event-stream; charset=utf-8"
+        )
+        response["cache-control"] = "no-cache"
+        response["x-accel-buffering"] = "no"
+        set_request_id(response, request_id=request_id, surface=surface)
+        return response
+    raise AssertionError("request_admit returned no route")
 
 
-async def _meter_failure(
-    admission: Admission,
-    request_id: str,
-    surface: str,
-    streamed: bool,
-    started: float,
-    error_type: str,
-) -> None:
-    await _meter(
-        admission=admission,
-        request_id=request_id,
-        surface=surface,
-        status=UsageRecord.Status.FAILED,
-        http_status=None,
-        streamed=streamed,
-        usage=TokenUsage(),
-        started=started,
-        error_type=error_type,
-    )
-
-
-async def _whole_response(
-    *,
-    upstream: httpx.Response,
-    admission: Admission,
-    request_id: str,
-    surface: str,
-    streamed: bool,
-    started: float,
-) -> HttpResponse:
+async def _whole_response(*, upstream: httpx.Response, meter_args: dict) -> HttpResponse:
     try:
         content = await upstream.aread()
     finally:
         await upstream.aclose()
     succeeded = upstream.status_code < 400
+    surface = meter_args["surface"]
     usage = TokenUsage()
     if succeeded:
         payload = load_json(content) or {}
         raw_usage = payload.get("usage") or {}
         usage = openai_usage(raw_usage) if surface == OPENAI else anthropic_usage(raw_usage)
     await _meter(
-        admission=admission,
-        request_id=request_id,
-        surface=surface,
+        **meter_args,
         status=UsageRecord.Status.SUCCEEDED if succeeded else UsageRecord.Status.UPSTREAM_ERROR,
         http_status=upstream.status_code,
-        streamed=streamed,
         usage=usage,
-        started=started,
+        final=True,
         error_type="" if succeeded else f"http_{upstream.status_code}",
     )
     response = HttpResponse(
@@ -278,7 +287,7 @@ async def _whole_response(
     )
     if "retry-after" in upstream.headers:
         response["retry-after"] = upstream.headers["retry-after"]
-    set_request_id(response, request_id=request_id, surface=surface)
+    set_request_id(response, request_id=meter_args["request_id"], surface=surface)
     return response
 
 
@@ -300,66 +309,90 @@ def _is_usage_only_chunk(payload: dict) -> bool:
     return payload.get("choices") == [] and bool(payload.get("usage"))
 
 
+# `"usage":null` as OpenAI adds it to every chunk once `include_usage` is set.
+USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
+
+
 async def _stream_events(
     *,
     upstream: httpx.Response,
-    admission: Admission,
-    request_id: str,
-    surface: str,
+    meter_args: dict,
     body: dict,
     client_wants_usage: bool,
-    started: float,
 ) -> AsyncIterator[bytes]:
+    """Forward a stream event by event, reading usage on the way.
+
+    For an OpenAI client that did not ask for usage, the usage chunk the gateway asked
+    for is dropped and the `"usage":null` it added to the other chunks removed, so the
+    client gets the bytes upstream would have sent without `include_usage`.
+    """
+    surface = meter_args["surface"]
+    strip_usage = surface == OPENAI and not client_wants_usage
     meter = StreamMeter(surface=surface)
     metered = False
     completed = False
+    error_type = ""
     buffer = b""
 
     async def meter_now(status: str) -> None:
         nonlocal metered
         metered = True
         await _meter(
-            admission=admission,
-            request_id=request_id,
-            surface=surface,
+            **meter_args,
             status=status,
             http_status=upstream.status_code,
-            streamed=True,
             usage=meter.final_usage(request_body=body),
-            started=started,
+            final=True,
+            error_type=error_type,
         )
 
     try:
-        async for chunk in upstream.aiter_raw():
-            buffer += chunk
-            while (split := _split_event(buffer)) is not None:
-                raw_event, buffer = split
-                event_type, data = parse_sse_event(raw_event)
-                terminal = False
-                if surface == OPENAI:
-                    if data == b"[DONE]":
-                        terminal = True
-                        meter.finished = True
+        try:
+            async for chunk in upstream.aiter_raw():
+                buffer += chunk
+                while (split := _split_event(buffer)) is not None:
+                    raw_event, buffer = split
+                    event_type, data = parse_sse_event(raw_event)
+                    terminal = False
+                    if surface == OPENAI:
+                        if data == b"[DONE]":
+                            terminal = True
+                            meter.finished = True
+                        else:
+                            payload = load_json(data)
+                            if payload is not None:
+                                meter.observe_openai(payload)
+                                if strip_usage:
+                                    if _is_usage_only_chunk(payload):
+                                        continue
+                                    raw_event = USAGE_NULL.sub(b"", raw_event)
                     else:
                         payload = load_json(data)
                         if payload is not None:
-                            meter.observe_openai(payload)
-                            if not client_wants_usage and _is_usage_only_chunk(payload):
-                                continue
-                else:
-                    payload = load_json(data)
-                    if payload is not None:
-                        meter.observe_anthropic(event_type or payload.get("type", ""), payload)
-                    terminal = event_type == "message_stop"
-                if terminal and not metered:
-                    await meter_now(UsageRecord.Status.SUCCEEDED)
-                yield raw_event
-        if buffer:
-            yield buffer
-        completed = True
+                            meter.observe_anthropic(event_type or payload.get("type", ""), payload)
+                        terminal = event_type == "message_stop"
+                    if terminal and not metered:
+                        await meter_now(UsageRecord.Status.SUCCEEDED)
+                    yield raw_event
+        except httpx.HTTPError as exc:
+            # Upstream cut the stream; the client is charged for what it received.
+            error_type = "upstream_cut"
+            logger.warning(
+                "Upstream stream cut for request %s: %s",
+                meter_args["request_id"],
+                type(exc).__name__,
+            )
+        else:
+            if buffer:
+                yield buffer
+            completed = True
     finally:
         if not metered:
-            status = UsageRecord.Status.SUCCEEDED if completed else UsageRecord.Status.ABORTED
+            if completed and meter.finished:
+                status = UsageRecord.Status.SUCCEEDED
+            else:
+                status = UsageRecord.Status.ABORTED
+                error_type = error_type or ("incomplete" if completed else "client_abort")
             # The client may be gone and this generator cancelled, so the record is
             # written by a task of its own.
             task = asyncio.ensure_future(meter_now(status))
