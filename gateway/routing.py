@@ -35,7 +35,12 @@ class Route:
 @dataclass(frozen=True)
 class Admission:
     identity: KeyIdentity
-    route: Route
+    # The primary route first, then the fallbacks of a `models` list.
+    routes: list[Route]
+
+    @property
+    def route(self) -> Route:
+        return self.routes[0]
 
 
 def _builtin_route(provider: str, model: str) -> Route:
@@ -104,7 +109,7 @@ def route_resolve(*, model: object, surface: str) -> Route:
     return route
 
 
-def request_admit(*, raw_key: str, model: object, surface: str) -> Admission:
+def request_admit(*, raw_key: str, body: dict, surface: str) -> Admission:
     """Check the key, the account and the balance, and pick the route; raise GatewayError."""
     identity = access_key_authenticate(raw_key=raw_key)
     if identity is None:
@@ -123,7 +128,11 @@ def request_admit(*, raw_key: str, model: object, surface: str) -> Admission:
             openai_type="permission_error",
             code="account_frozen",
         )
-    route = route_resolve(model=model, surface=surface)
+    routes = [route_resolve(model=body.get("model"), surface=surface)]
+    fallbacks = body.get("models") or []
+    if not isinstance(fallbacks, list):
+        raise GatewayError(400, "`models` must be a list of model names.", param="models")
+    routes += [route_resolve(model=model, surface=surface) for model in fallbacks]
     balance = account_balance_cached(account_id=identity.account_id)
     if balance <= 0:
         raise GatewayError(
@@ -134,7 +143,7 @@ def request_admit(*, raw_key: str, model: object, surface: str) -> Admission:
             openai_type="insufficient_quota",
             code="insufficient_quota",
         )
-    return Admission(identity=identity, route=route)
+    return Admission(identity=identity, routes=routes)
 
 
 def models_for_key(*, raw_key: str) -> list[dict]:
