@@ -50,6 +50,15 @@ class Account(models.Model):
     )
     # Debt from requests that overshot the balance; paid first out of the next lot.
     debt_nanousd = models.BigIntegerField(default=0)
+    # Owners and admins get an email when the balance drops below this; NULL turns it off.
+    low_balance_threshold_nanousd = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Email owners and admins when the balance drops below this (nano-dollars).",
+    )
+    # When the low-balance email went out; NULL means armed. Cleared (re-armed) once the
+    # balance is back at or above the threshold, so each drop below it sends one email.
+    low_balance_alerted_at = models.DateTimeField(null=True, blank=True)
     members = models.ManyToManyField(User, through="Membership", related_name="accounts")
 
     class Meta:
@@ -58,10 +67,28 @@ class Account(models.Model):
             models.CheckConstraint(
                 condition=models.Q(debt_nanousd__gte=0), name="account_debt_not_negative"
             ),
+            models.CheckConstraint(
+                condition=models.Q(low_balance_threshold_nanousd__gte=0),
+                name="account_low_balance_threshold_not_negative",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.slug})"
+
+    def low_balance_alert_due(self, *, balance_nanousd: int) -> bool:
+        """Tell whether the low-balance alert state disagrees with `balance_nanousd`.
+
+        True when the alert is armed and the balance is below the threshold (send it), or
+        when it went out and the balance is back at or above the threshold (re-arm it).
+        Reads only this row's fields, so the ledger can ask after every write for free.
+        """
+        threshold = self.low_balance_threshold_nanousd
+        if threshold is None:
+            return False
+        if self.low_balance_alerted_at is None:
+            return balance_nanousd < threshold
+        return balance_nanousd >= threshold
 
 
 class Membership(models.Model):

@@ -19,8 +19,16 @@ are JSON objects in Stripe's shapes, and every ``/v1`` request needs
     GET  /v1/checkout/sessions/<id>/line_items list a session's line items
     POST /v1/checkout/sessions/<id>/expire     expire an open session
     GET  /v1/account                           the single test account
-    GET  /v1/payment_intents/<id>              also charges, payment_methods,
-                                               balance_transactions, events, customers
+    GET  /v1/payment_intents/<id>              also charges, payment_methods, refunds,
+                                               disputes, balance_transactions, events,
+                                               customers; ``expand[]=refunds`` lists a
+                                               charge's refunds
+    POST /v1/refunds                           refund a charge or payment intent, all
+                                               or ``amount``; emits ``charge.refunded``
+    GET  /v1/refunds                           list refunds, newest first, filtered by
+                                               ``charge`` or ``payment_intent``, paged
+                                               by ``limit`` and ``starting_after``
+    GET  /v1/disputes                          list disputes, the same way
 
 Control endpoints for tests and the demo (not part of Stripe, no authentication):
 
@@ -29,6 +37,15 @@ Control endpoints for tests and the demo (not part of Stripe, no authentication)
     POST /_test/sessions/<id>/pay_async        pay with a delayed method: "complete", unpaid
     POST /_test/sessions/<id>/async_succeeded  the delayed payment succeeds: paid
     POST /_test/sessions/<id>/async_failed     the delayed payment fails: stays unpaid
+    POST /_test/sessions/<id>/refund           refund the session's charge; form fields
+                                               ``amount`` (cents, default all that is
+                                               left) and ``reason``
+    POST /_test/sessions/<id>/dispute          open a chargeback on the session's charge:
+                                               ``amount`` (default the charge amount) and
+                                               ``reason`` (default ``fraudulent``)
+    POST /_test/disputes/<id>/close            close a dispute: ``status=won`` or ``lost``
+    POST /_test/webhook_endpoint               set the webhook target (``url`` and
+                                               ``secret``), or clear it with neither
     GET  /_test/events                         every generated event, oldest first
     POST /_test/events/<id>/deliver            send an event to the webhook target again
     GET  /_test/webhook_deliveries             every delivery attempt, oldest first
@@ -39,22 +56,35 @@ Control endpoints for tests and the demo (not part of Stripe, no authentication)
 The four ``/_test/sessions`` actions return JSON with the ``session``, its
 ``payment_intent`` and ``charge`` (or null), the generated ``event`` and the
 ``webhook_delivery`` record (null when no webhook target is configured).
+The refund and dispute actions return JSON with the ``charge``, the ``refund`` or
+``dispute`` (the other one null), the ``event`` and the ``webhook_delivery``.
+
+A refund adds to the charge's cumulative ``amount_refunded`` and sets ``refunded``
+once the whole amount is refunded. Card refunds are ``succeeded`` at once, bank debit
+refunds stay ``pending``. A dispute starts as ``needs_response`` with one balance
+transaction withdrawing the amount plus a fee; winning it adds the reinstating balance
+transaction. A charge with an open or lost dispute cannot be refunded, and a charge has
+at most one dispute.
 
 Each state change generates the event Stripe sends for it (``checkout.session.completed``,
-``checkout.session.async_payment_succeeded``, ``checkout.session.async_payment_failed``
-or ``checkout.session.expired``) and keeps it for ``GET /v1/events/<id>``. With a webhook
+``checkout.session.async_payment_succeeded``, ``checkout.session.async_payment_failed``,
+``checkout.session.expired``, ``charge.refunded``, ``charge.dispute.created`` or
+``charge.dispute.closed``) and keeps it for ``GET /v1/events/<id>``. With a webhook
 target configured, the server POSTs the event there, signed like Stripe signs it. The
 control endpoints and the HTML page wait for that delivery, so the purchase is recorded
-by the time they return. The expire endpoint delivers in the background, as Stripe does,
-because its caller may be the webhook target itself. Delivery is tried once; use
-``/_test/events/<id>/deliver`` to send an event again.
+by the time they return. The expire and refund API endpoints deliver in the
+background, as Stripe does, because their caller may be the webhook target itself.
+Delivery is tried once; use ``/_test/events/<id>/deliver`` to send an event again.
 
 Tests can also build and sign events themselves with ``build_event()``,
 ``encode_event()`` and ``sign_payload()``, and read state through ``app.state``.
 
 Known limits: only ``mode=payment`` sessions with inline ``price_data`` and
-``unit_amount`` are supported. There are no customers, taxes, discounts, refunds or
-list endpoints, and no webhook retries.
+``unit_amount`` are supported. There are no customers, taxes or discounts, list
+endpoints exist only for refunds and disputes, and there are no webhook retries. Of the
+events Stripe sends around refunds and disputes, only the three above are generated
+(no ``refund.created``, ``charge.refund.updated`` or ``charge.dispute.funds_*``), and
+refunds never fail.
 """
 
 from __future__ import annotations
@@ -104,6 +134,36 @@ WEBHOOK_USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
 MAX_BODY_BYTES = 1_000_000
 SESSION_LIFETIME_SECONDS = 24 * 60 * 60
 DEFAULT_CUSTOMER_EMAIL = "customer@example.com"
+# NOTE: example values, not Stripe's terms: a response window and a USD 15.00 dispute fee.
+DISPUTE_RESPONSE_SECONDS = 7 * 24 * 60 * 60
+DISPUTE_FEE = 1500
+
+REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+REFUND_CREATE_PARAMS = frozenset(
+    {"amount", "charge", "expand", "metadata", "payment_intent", "reason"}
+)
+DISPUTE_REASONS = frozenset(
+    {
+        "bank_cannot_process",
+        "check_returned",
+        "credit_not_processed",
+        "customer_initiated",
+        "debit_not_authorized",
+        "duplicate",
+        "fraudulent",
+        "general",
+        "incorrect_account_details",
+        "insufficient_funds",
+        "product_not_received",
+        "product_unacceptable",
+        "subscription_canceled",
+        "unrecognized",
+    }
+)
+# Filters each list endpoint accepts besides limit, starting_after, ending_before and expand.
+LIST_FILTERS = {"refund": ("charge", "payment_intent"), "dispute": ("charge", "payment_intent")}
+MAX_LIST_LIMIT = 100
+DEFAULT_LIST_LIMIT = 10
 
 # Metadata limits from Stripe's API reference, docs.stripe.com/api/metadata.
 MAX_METADATA_KEYS = 50
@@ -185,6 +245,8 @@ COLLECTION_OBJECT_TYPES = {
     "balance_transactions": "balance_transaction",
     "events": "event",
     "customers": "customer",
+    "refunds": "refund",
+    "disputes": "dispute",
 }
 # Names Stripe uses in its "No such ..." messages.
 MISSING_OBJECT_NAMES = {
@@ -195,6 +257,8 @@ MISSING_OBJECT_NAMES = {
     "balance_transaction": "balance transaction",
     "event": "event",
     "customer": "customer",
+    "refund": "refund",
+    "dispute": "dispute",
 }
 
 API_KEY_PATTERN = re.compile(r"^(sk|rk)_test_[A-Za-z0-9]+$")
@@ -790,6 +854,111 @@ def parse_session_params(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- Refund, dispute and list parameters -----------------------------------------------
+
+
+def reject_unknown_params(params: dict[str, Any], allowed: Iterable[str]) -> None:
+    allowed = set(allowed)
+    for name in params:
+        if name not in allowed:
+            raise StripeApiError(
+                400, f"Received unknown parameter: {name}", code="parameter_unknown", param=name
+            )
+
+
+def optional_amount(params: dict[str, Any]) -> int | None:
+    if params.get("amount") in (None, ""):
+        return None
+    return parse_integer(params["amount"], "amount", minimum=1)
+
+
+def optional_choice(
+    params: dict[str, Any], name: str, choices: Iterable[str], default: str | None = None
+) -> str | None:
+    value = optional_string(params, name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise invalid_param(name, f"Invalid {name}: must be one of {', '.join(sorted(choices))}.")
+    return value
+
+
+def parse_refund_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``POST /v1/refunds`` parameters: a charge or payment intent, and an amount."""
+    reject_unknown_params(params, REFUND_CREATE_PARAMS)
+    charge_id = optional_string(params, "charge")
+    payment_intent_id = optional_string(params, "payment_intent")
+    if charge_id is None and payment_intent_id is None:
+        raise StripeApiError(
+            400,
+            "One of the following params should be provided for this request: "
+            "payment_intent or charge.",
+            code="parameter_missing",
+        )
+    expand_paths(params)
+    return {
+        "charge_id": charge_id,
+        "payment_intent_id": payment_intent_id,
+        "amount": optional_amount(params),
+        "reason": optional_choice(params, "reason", REFUND_REASONS),
+        "metadata": parse_metadata(params.get("metadata"), "metadata"),
+    }
+
+
+def parse_list_params(params: dict[str, Any], object_type: str) -> dict[str, Any]:
+    """Validate list parameters: the type's filters, ``limit`` and one cursor."""
+    filters = LIST_FILTERS[object_type]
+    reject_unknown_params(params, ("limit", "starting_after", "ending_before", "expand", *filters))
+    limit = DEFAULT_LIST_LIMIT
+    if params.get("limit") not in (None, ""):
+        limit = parse_integer(params["limit"], "limit", minimum=1)
+        if limit > MAX_LIST_LIMIT:
+            raise invalid_param("limit", f"Invalid limit: must be at most {MAX_LIST_LIMIT}.")
+    starting_after = optional_string(params, "starting_after")
+    ending_before = optional_string(params, "ending_before")
+    if starting_after and ending_before:
+        raise StripeApiError(
+            400, "You may only specify one of these parameters: starting_after, ending_before."
+        )
+    expand_paths(params)
+    return {
+        "filters": {name: value for name in filters if (value := optional_string(params, name))},
+        "limit": limit,
+        "starting_after": starting_after,
+        "ending_before": ending_before,
+    }
+
+
+def list_page(
+    objects: list[dict[str, Any]],
+    url: str,
+    *,
+    object_type: str,
+    limit: int,
+    starting_after: str | None,
+    ending_before: str | None,
+) -> dict[str, Any]:
+    """Cut one page out of ``objects`` (newest first) the way Stripe's cursors do."""
+    ids = [obj["id"] for obj in objects]
+    cursor = starting_after or ending_before
+    if cursor is not None and cursor not in ids:
+        param = "starting_after" if starting_after else "ending_before"
+        name = MISSING_OBJECT_NAMES.get(object_type, object_type)
+        raise StripeApiError(
+            400, f"No such {name}: '{cursor}'", code="resource_missing", param=param
+        )
+    if starting_after is not None:
+        window = objects[ids.index(starting_after) + 1 :]
+        page = window[:limit]
+    elif ending_before is not None:
+        window = objects[: ids.index(ending_before)]
+        page = window[-limit:]
+    else:
+        window = objects
+        page = window[:limit]
+    return {"object": "list", "data": page, "has_more": len(window) > limit, "url": url}
+
+
 # --- Stripe objects --------------------------------------------------------------------
 
 
@@ -1236,6 +1405,159 @@ def balance_transaction_object(charge: dict[str, Any], created: int) -> dict[str
     }
 
 
+def adjustment_balance_transaction(
+    *,
+    source_id: str,
+    amount: int,
+    currency: str,
+    created: int,
+    transaction_type: str,
+    reporting_category: str,
+    description: str,
+    fee: int = 0,
+) -> dict[str, Any]:
+    """Build the balance transaction of a refund or a dispute; ``amount`` is signed."""
+    fee_details = []
+    if fee:
+        fee_details.append(
+            {
+                "amount": fee,
+                "application": None,
+                "currency": currency,
+                "description": "Dispute fee",
+                "type": "stripe_fee",
+            }
+        )
+    return {
+        "id": new_id("txn_"),
+        "object": "balance_transaction",
+        "amount": amount,
+        "available_on": created,
+        "created": created,
+        "currency": currency,
+        "description": description,
+        "exchange_rate": None,
+        "fee": fee,
+        "fee_details": fee_details,
+        "net": amount - fee,
+        "reporting_category": reporting_category,
+        "source": source_id,
+        "status": "available",
+        "type": transaction_type,
+    }
+
+
+def refund_object(
+    *,
+    charge: dict[str, Any],
+    amount: int,
+    reason: str | None,
+    metadata: dict[str, str],
+    balance_transaction_id: str,
+    refund_id: str,
+    created: int,
+) -> dict[str, Any]:
+    method_type = charge["payment_method_details"]["type"]
+    # Card refunds succeed at once; bank debits stay pending until the bank confirms.
+    status = "succeeded" if method_type == "card" else "pending"
+    destination: dict[str, Any] = {"reference": None, "reference_status": "pending"}
+    if method_type == "card":
+        destination.update(reference_type="acquirer_reference_number", type="refund")
+    return {
+        "id": refund_id,
+        "object": "refund",
+        "amount": amount,
+        "balance_transaction": balance_transaction_id,
+        "charge": charge["id"],
+        "created": created,
+        "currency": charge["currency"],
+        "destination_details": {"type": method_type, method_type: destination},
+        "metadata": dict(metadata),
+        "payment_intent": charge["payment_intent"],
+        "reason": reason,
+        "receipt_number": None,
+        "source_transfer_reversal": None,
+        "status": status,
+        "transfer_reversal": None,
+    }
+
+
+DISPUTE_EVIDENCE_FIELDS = (
+    "access_activity_log",
+    "billing_address",
+    "cancellation_policy",
+    "cancellation_policy_disclosure",
+    "cancellation_rebuttal",
+    "customer_communication",
+    "customer_email_address",
+    "customer_name",
+    "customer_purchase_ip",
+    "customer_signature",
+    "duplicate_charge_documentation",
+    "duplicate_charge_explanation",
+    "duplicate_charge_id",
+    "product_description",
+    "receipt",
+    "refund_policy",
+    "refund_policy_disclosure",
+    "refund_refusal_explanation",
+    "service_date",
+    "service_documentation",
+    "shipping_address",
+    "shipping_carrier",
+    "shipping_date",
+    "shipping_documentation",
+    "shipping_tracking_number",
+    "uncategorized_file",
+    "uncategorized_text",
+)
+
+
+def dispute_object(
+    *,
+    charge: dict[str, Any],
+    amount: int,
+    reason: str,
+    dispute_id: str,
+    balance_transaction: dict[str, Any],
+    created: int,
+) -> dict[str, Any]:
+    method_type = charge["payment_method_details"]["type"]
+    details: dict[str, Any] = {"type": method_type}
+    if method_type == "card":
+        details["card"] = {
+            "brand": charge["payment_method_details"]["card"]["brand"],
+            "case_type": "chargeback",
+            "network_reason_code": None,
+        }
+    return {
+        "id": dispute_id,
+        "object": "dispute",
+        "amount": amount,
+        # Stripe embeds the dispute's balance transactions as full objects.
+        "balance_transactions": [copy.deepcopy(balance_transaction)],
+        "charge": charge["id"],
+        "created": created,
+        "currency": charge["currency"],
+        "enhanced_eligibility_types": [],
+        "evidence": dict.fromkeys(DISPUTE_EVIDENCE_FIELDS),
+        "evidence_details": {
+            "due_by": created + DISPUTE_RESPONSE_SECONDS,
+            "enhanced_eligibility": {},
+            "has_evidence": False,
+            "past_due": False,
+            "submission_count": 0,
+        },
+        "is_charge_refundable": False,
+        "livemode": False,
+        "metadata": {},
+        "payment_intent": charge["payment_intent"],
+        "payment_method_details": details,
+        "reason": reason,
+        "status": "needs_response",
+    }
+
+
 # --- Server state ----------------------------------------------------------------------
 
 
@@ -1253,6 +1575,24 @@ class CheckoutResult:
             "session": self.session,
             "payment_intent": self.payment_intent,
             "charge": self.charge,
+            "event": self.event,
+        }
+
+
+@dataclass
+class ChargeResult:
+    """A refund or dispute action: the charge, the refund or dispute, and the event."""
+
+    charge: dict[str, Any]
+    event: dict[str, Any]
+    refund: dict[str, Any] | None = None
+    dispute: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "charge": self.charge,
+            "refund": self.refund,
+            "dispute": self.dispute,
             "event": self.event,
         }
 
@@ -1333,6 +1673,14 @@ class ServerState:
         if node.get("object") == "checkout.session" and key == "line_items":
             items = copy.deepcopy(self._line_items.get(node["id"], []))
             node[key] = list_object(f"/v1/checkout/sessions/{node['id']}/line_items", items)
+        elif node.get("object") == "charge" and key == "refunds":
+            # Charges list their refunds only when asked to.
+            refunds = [
+                copy.deepcopy(obj)
+                for obj in reversed(self._objects.values())
+                if obj["object"] == "refund" and obj["charge"] == node["id"]
+            ]
+            node[key] = list_object(f"/v1/charges/{node['id']}/refunds", refunds)
         elif key == "breakdown" and "amount_discount" in node:
             # Stripe fills total_details.breakdown only when it is expanded.
             node[key] = {"discounts": [], "taxes": []}
@@ -1424,13 +1772,15 @@ class ServerState:
     def _event_for(
         self,
         event_type: str,
-        session: dict[str, Any],
+        data_object: dict[str, Any],
         pending_webhooks: int,
         request: Request | None,
+        previous_attributes: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         event = build_event(
             event_type,
-            session,
+            data_object,
+            previous_attributes=previous_attributes,
             pending_webhooks=pending_webhooks,
             request_id=request.request_id if request else None,
             idempotency_key=request.headers.get("idempotency-key") if request else None,
@@ -1587,6 +1937,242 @@ class ServerState:
             event = self._event_for("checkout.session.expired", session, pending_webhooks, request)
             logger.info("Expired checkout session %s", session_id)
             return CheckoutResult(copy.deepcopy(session), None, None, event)
+
+    # Refunds and disputes. Each one generates the event Stripe sends for it.
+
+    def list_objects(self, object_type: str, filters: dict[str, str]) -> list[dict[str, Any]]:
+        """Return copies of the stored objects of one type matching ``filters``, newest first."""
+        with self._lock:
+            matches = [
+                obj
+                for obj in self._objects.values()
+                if obj["object"] == object_type
+                and all(obj.get(name) == value for name, value in filters.items())
+            ]
+            return copy.deepcopy(matches[::-1])
+
+    def session_charge_id(self, session_id: str) -> str:
+        """Return the id of the charge that paid a session, or raise if it has none."""
+        with self._lock:
+            session = self._objects.get(session_id)
+            if session is None or session["object"] != "checkout.session":
+                raise no_such_object("checkout.session", session_id)
+            payment_intent = self._objects.get(session["payment_intent"] or "")
+            if payment_intent is None or not payment_intent.get("latest_charge"):
+                raise StripeApiError(
+                    400,
+                    f"Checkout Session {session_id} has no payment yet. Pay it with "
+                    "/_test/sessions/<id>/pay first.",
+                    code="checkout_session_not_paid",
+                )
+            return payment_intent["latest_charge"]
+
+    def _charge_for(self, charge_id: str | None, payment_intent_id: str | None) -> dict[str, Any]:
+        if charge_id:
+            charge = self._objects.get(charge_id)
+            if charge is None or charge["object"] != "charge":
+                raise no_such_object("charge", charge_id)
+            if payment_intent_id and charge["payment_intent"] != payment_intent_id:
+                raise invalid_param(
+                    "payment_intent",
+                    f"Charge {charge_id} does not belong to PaymentIntent {payment_intent_id}.",
+                )
+            return charge
+        payment_intent = self._objects.get(payment_intent_id or "")
+        if payment_intent is None or payment_intent["object"] != "payment_intent":
+            raise no_such_object("payment_intent", payment_intent_id or "")
+        charge = self._objects.get(payment_intent.get("latest_charge") or "")
+        if charge is None:
+            raise StripeApiError(
+                400,
+                f"PaymentIntent {payment_intent_id} has no charge to refund.",
+                code="charge_not_refundable",
+            )
+        return charge
+
+    def refund_charge(
+        self,
+        *,
+        charge_id: str | None = None,
+        payment_intent_id: str | None = None,
+        amount: int | None = None,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        pending_webhooks: int = 0,
+        request: Request | None = None,
+    ) -> ChargeResult:
+        """Refund ``amount`` (default: all that is left) of a succeeded charge.
+
+        The charge's ``amount_refunded`` adds up every refund, and ``refunded`` turns
+        true once the whole amount is refunded.
+        """
+        with self._lock:
+            charge = self._charge_for(charge_id, payment_intent_id)
+            if charge["status"] != "succeeded":
+                raise StripeApiError(
+                    400,
+                    f"Charge {charge['id']} has not succeeded, so it cannot be refunded.",
+                    code="charge_not_refundable",
+                )
+            dispute = self._objects.get(charge.get("dispute") or "")
+            if dispute is not None and dispute["status"] != "won":
+                raise StripeApiError(
+                    400,
+                    f"Charge {charge['id']} has been charged back, so it cannot be refunded.",
+                    code="charge_disputed",
+                )
+            refundable = charge["amount"] - charge["amount_refunded"]
+            if refundable == 0:
+                raise StripeApiError(
+                    400,
+                    f"Charge {charge['id']} has already been refunded.",
+                    code="charge_already_refunded",
+                )
+            amount = refundable if amount is None else amount
+            if amount > refundable:
+                raise StripeApiError(
+                    400,
+                    f"Refund amount ({format_amount(amount, charge['currency'])}) is greater "
+                    "than unrefunded amount on charge "
+                    f"({format_amount(refundable, charge['currency'])}).",
+                    code="amount_too_large",
+                    param="amount",
+                )
+
+            created = now()
+            refund_id = new_id("re_")
+            balance_transaction = adjustment_balance_transaction(
+                source_id=refund_id,
+                amount=-amount,
+                currency=charge["currency"],
+                created=created,
+                transaction_type="refund",
+                reporting_category="refund",
+                description=f"Refund for charge {charge['id']}",
+            )
+            refund = refund_object(
+                charge=charge,
+                amount=amount,
+                reason=reason,
+                metadata=metadata or {},
+                balance_transaction_id=balance_transaction["id"],
+                refund_id=refund_id,
+                created=created,
+            )
+            previous: dict[str, Any] = {"amount_refunded": charge["amount_refunded"]}
+            charge["amount_refunded"] += amount
+            if charge["amount_refunded"] == charge["amount"]:
+                previous["refunded"] = charge["refunded"]
+                charge["refunded"] = True
+            for obj in (balance_transaction, refund):
+                self._objects[obj["id"]] = obj
+            event = self._event_for(
+                "charge.refunded", charge, pending_webhooks, request, previous_attributes=previous
+            )
+            logger.info(
+                "Refunded %s of charge %s as %s, %s refunded in all",
+                amount,
+                charge["id"],
+                refund_id,
+                charge["amount_refunded"],
+            )
+            return ChargeResult(copy.deepcopy(charge), event, refund=copy.deepcopy(refund))
+
+    def open_dispute(
+        self,
+        charge_id: str,
+        *,
+        amount: int | None = None,
+        reason: str = "fraudulent",
+        pending_webhooks: int = 0,
+    ) -> ChargeResult:
+        """Open a chargeback on a succeeded charge: status ``needs_response``, funds withdrawn."""
+        with self._lock:
+            charge = self._charge_for(charge_id, None)
+            if charge["status"] != "succeeded":
+                raise StripeApiError(
+                    400,
+                    f"Charge {charge_id} has not succeeded, so it cannot be disputed.",
+                    code="charge_not_disputable",
+                )
+            if charge.get("dispute"):
+                raise StripeApiError(
+                    400,
+                    f"Charge {charge_id} already has dispute {charge['dispute']}.",
+                    code="charge_already_disputed",
+                )
+            amount = charge["amount"] if amount is None else amount
+            if amount > charge["amount"]:
+                raise invalid_param(
+                    "amount", f"A dispute can be at most the charge amount, {charge['amount']}."
+                )
+            created = now()
+            dispute_id = new_id("dp_")
+            balance_transaction = adjustment_balance_transaction(
+                source_id=dispute_id,
+                amount=-amount,
+                currency=charge["currency"],
+                created=created,
+                transaction_type="adjustment",
+                reporting_category="dispute",
+                description=f"Chargeback withdrawal for {charge_id}",
+                fee=DISPUTE_FEE,
+            )
+            dispute = dispute_object(
+                charge=charge,
+                amount=amount,
+                reason=reason,
+                dispute_id=dispute_id,
+                balance_transaction=balance_transaction,
+                created=created,
+            )
+            for obj in (balance_transaction, dispute):
+                self._objects[obj["id"]] = obj
+            charge.update(disputed=True, dispute=dispute_id)
+            event = self._event_for("charge.dispute.created", dispute, pending_webhooks, None)
+            logger.info("Opened dispute %s on charge %s for %s", dispute_id, charge_id, amount)
+            return ChargeResult(copy.deepcopy(charge), event, dispute=copy.deepcopy(dispute))
+
+    def close_dispute(
+        self, dispute_id: str, *, status: str, pending_webhooks: int = 0
+    ) -> ChargeResult:
+        """Close an open dispute as ``won`` (funds reinstated) or ``lost``."""
+        if status not in ("won", "lost"):
+            raise invalid_param("status", f"Invalid status: {status}. Use won or lost.")
+        with self._lock:
+            dispute = self._objects.get(dispute_id)
+            if dispute is None or dispute["object"] != "dispute":
+                raise no_such_object("dispute", dispute_id)
+            if dispute["status"] in ("won", "lost", "warning_closed"):
+                raise StripeApiError(
+                    400,
+                    f"Dispute {dispute_id} is already closed ({dispute['status']}).",
+                    code="dispute_already_closed",
+                )
+            charge = self._objects[dispute["charge"]]
+            previous = {"status": dispute["status"]}
+            if status == "won":
+                reversal = adjustment_balance_transaction(
+                    source_id=dispute_id,
+                    amount=dispute["amount"],
+                    currency=dispute["currency"],
+                    created=now(),
+                    transaction_type="adjustment",
+                    reporting_category="dispute_reversal",
+                    description=f"Chargeback reversal for {charge['id']}",
+                )
+                self._objects[reversal["id"]] = reversal
+                dispute["balance_transactions"].append(copy.deepcopy(reversal))
+            dispute["status"] = status
+            event = self._event_for(
+                "charge.dispute.closed",
+                dispute,
+                pending_webhooks,
+                None,
+                previous_attributes=previous,
+            )
+            logger.info("Closed dispute %s as %s", dispute_id, status)
+            return ChargeResult(copy.deepcopy(charge), event, dispute=copy.deepcopy(dispute))
 
 
 # --- HTML checkout page ----------------------------------------------------------------
@@ -1751,12 +2337,18 @@ class StripeServerApp:
                 self._expire_session,
             ),
             Route("GET", re.compile(r"/v1/account"), self._retrieve_account),
+            Route("POST", re.compile(r"/v1/refunds"), self._create_refund),
+            Route(
+                "GET",
+                re.compile(r"/v1/(?P<collection>refunds|disputes)"),
+                self._list_collection,
+            ),
             Route(
                 "GET",
                 re.compile(
                     r"/v1/(?P<collection>checkout/sessions|payment_intents|charges|"
-                    r"payment_methods|balance_transactions|events|customers)/"
-                    r"(?P<object_id>[A-Za-z0-9_]+)"
+                    r"payment_methods|balance_transactions|events|customers|refunds|"
+                    r"disputes)/(?P<object_id>[A-Za-z0-9_]+)"
                 ),
                 self._retrieve_object,
             ),
@@ -1769,6 +2361,22 @@ class StripeServerApp:
                 ),
                 self._session_action,
             ),
+            Route(
+                "POST",
+                re.compile(rf"/_test/sessions/{session_path}/refund"),
+                self._refund_session,
+            ),
+            Route(
+                "POST",
+                re.compile(rf"/_test/sessions/{session_path}/dispute"),
+                self._dispute_session,
+            ),
+            Route(
+                "POST",
+                re.compile(r"/_test/disputes/(?P<dispute_id>[A-Za-z0-9_]+)/close"),
+                self._close_dispute,
+            ),
+            Route("POST", re.compile(r"/_test/webhook_endpoint"), self._configure_webhook),
             Route("GET", re.compile(r"/_test/events"), self._list_events),
             Route(
                 "POST",
@@ -1939,6 +2547,31 @@ class StripeServerApp:
             raise no_such_object(object_type, object_id)
         return json_response(200, self.state.expand(obj, expand_paths(request.query())))
 
+    async def _create_refund(self, request: Request) -> Response:
+        params = request.form()
+        result = self.state.refund_charge(
+            **parse_refund_params(params), pending_webhooks=self.pending_webhooks, request=request
+        )
+        # The caller may be the webhook target itself, as when an operator refunds from
+        # the Django admin, so the event is delivered in the background.
+        if self.webhook_url:
+            self._deliver_in_background(result.event)
+        return json_response(200, self.state.expand(result.refund, expand_paths(params)))
+
+    async def _list_collection(self, request: Request, collection: str) -> Response:
+        object_type = COLLECTION_OBJECT_TYPES[collection]
+        params = request.query()
+        parsed = parse_list_params(params, object_type)
+        page = list_page(
+            self.state.list_objects(object_type, parsed["filters"]),
+            f"/v1/{collection}",
+            object_type=object_type,
+            limit=parsed["limit"],
+            starting_after=parsed["starting_after"],
+            ending_before=parsed["ending_before"],
+        )
+        return json_response(200, self.state.expand(page, expand_paths(params)))
+
     # Control handlers.
 
     async def _show_session(self, request: Request, session_id: str) -> Response:
@@ -1959,6 +2592,55 @@ class StripeServerApp:
             )
         delivery = await self._deliver(result.event)
         return json_response(200, {**result.as_dict(), "webhook_delivery": delivery})
+
+    async def _refund_session(self, request: Request, session_id: str) -> Response:
+        params = request.form()
+        reject_unknown_params(params, ("amount", "reason"))
+        result = self.state.refund_charge(
+            charge_id=self.state.session_charge_id(session_id),
+            amount=optional_amount(params),
+            reason=optional_choice(params, "reason", REFUND_REASONS, "requested_by_customer"),
+            pending_webhooks=self.pending_webhooks,
+        )
+        delivery = await self._deliver(result.event)
+        return json_response(200, {**result.as_dict(), "webhook_delivery": delivery})
+
+    async def _dispute_session(self, request: Request, session_id: str) -> Response:
+        params = request.form()
+        reject_unknown_params(params, ("amount", "reason"))
+        result = self.state.open_dispute(
+            self.state.session_charge_id(session_id),
+            amount=optional_amount(params),
+            reason=optional_choice(params, "reason", DISPUTE_REASONS, "fraudulent"),
+            pending_webhooks=self.pending_webhooks,
+        )
+        delivery = await self._deliver(result.event)
+        return json_response(200, {**result.as_dict(), "webhook_delivery": delivery})
+
+    async def _close_dispute(self, request: Request, dispute_id: str) -> Response:
+        params = request.form()
+        reject_unknown_params(params, ("status",))
+        result = self.state.close_dispute(
+            dispute_id,
+            status=require_string(params, "status"),
+            pending_webhooks=self.pending_webhooks,
+        )
+        delivery = await self._deliver(result.event)
+        return json_response(200, {**result.as_dict(), "webhook_delivery": delivery})
+
+    async def _configure_webhook(self, request: Request) -> Response:
+        params = request.form()
+        reject_unknown_params(params, ("url", "secret"))
+        url = parse_url(params, "url", required=False)
+        secret = optional_string(params, "secret")
+        if bool(url) != bool(secret):
+            raise StripeApiError(
+                400, "Pass both url and secret, or neither to stop delivering events."
+            )
+        self.webhook_url = url
+        self.webhook_secret = secret
+        logger.info("Webhook target set to %s", url or "none")
+        return json_response(200, {"webhook_url": url})
 
     async def _list_events(self, request: Request) -> Response:
         return json_response(200, list_object("/_test/events", self.state.events()))

@@ -1,7 +1,15 @@
 from django.contrib import admin
 
 from credits.money import format_usd
-from gateway.models import AccessKey, ModelPrice, UsageRecord
+from gateway.models import (
+    AccessKey,
+    CustomProvider,
+    ModelPrice,
+    ProviderCredential,
+    UsageRecord,
+)
+from gateway.providers import custom_provider_delete, provider_credential_delete
+from gateway.routing import price_catalog_evict_on_commit
 
 
 @admin.register(AccessKey)
@@ -61,6 +69,19 @@ class ModelPriceAdmin(admin.ModelAdmin):
     list_filter = ["provider"]
     search_fields = ["model"]
 
+    # The gateway caches the price table; every change makes it reload.
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        price_catalog_evict_on_commit()
+
+    def delete_model(self, request, obj) -> None:
+        super().delete_model(request, obj)
+        price_catalog_evict_on_commit()
+
+    def delete_queryset(self, request, queryset) -> None:
+        super().delete_queryset(request, queryset)
+        price_catalog_evict_on_commit()
+
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
@@ -94,3 +115,76 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(ProviderCredential)
+class ProviderCredentialAdmin(admin.ModelAdmin):
+    """Accounts' own provider keys, by last four characters only; the secret is never shown."""
+
+    list_display = ["provider", "display", "account", "set_at", "created_at"]
+    list_filter = ["provider"]
+    search_fields = ["account__slug"]
+    list_select_related = ["account"]
+    fields = ["account", "provider", "last_four", "set_at", "set_by", "created_at"]
+    readonly_fields = fields
+    actions = ["delete_keys"]
+
+    def has_add_permission(self, request) -> bool:
+        # Only the account's members know the key.
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Deleting goes through the action, which makes the gateway stop using the key.
+        return False
+
+    @admin.action(description="Delete the selected keys (requests fall back to built-in)")
+    def delete_keys(self, request, queryset) -> None:
+        count = 0
+        for credential in queryset:
+            provider_credential_delete(credential=credential)
+            count += 1
+        self.message_user(request, f"Deleted {count} provider keys.")
+
+
+@admin.register(CustomProvider)
+class CustomProviderAdmin(admin.ModelAdmin):
+    """Custom providers; a stored key shows as its last four characters only."""
+
+    list_display = ["name", "account", "base_url", "api_format", "key_display", "created_at"]
+    list_filter = ["api_format"]
+    search_fields = ["name", "base_url", "account__slug"]
+    list_select_related = ["account"]
+    fields = [
+        "account",
+        "name",
+        "base_url",
+        "api_format",
+        "key_last_four",
+        "key_set_at",
+        "model_names",
+        "created_at",
+        "updated_at",
+        "created_by",
+    ]
+    readonly_fields = fields
+    actions = ["delete_providers"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Delete the selected custom providers")
+    def delete_providers(self, request, queryset) -> None:
+        count = 0
+        for provider in queryset:
+            custom_provider_delete(provider=provider)
+            count += 1
+        self.message_user(request, f"Deleted {count} custom providers.")

@@ -5,7 +5,7 @@ Anthropic: `{"type": "error", "error": {"type", "message"}}`.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.http import HttpResponse
 
@@ -36,6 +36,8 @@ class GatewayError(Exception):
     openai_type: str = "invalid_request_error"
     code: str | None = None
     param: str | None = None
+    # Response headers such as `retry-after` (seconds), set by error_response.
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.message
@@ -66,6 +68,8 @@ def error_response(error: GatewayError, *, surface: str, request_id: str) -> Htt
         status=error.status,
         content_type="application/json",
     )
+    for name, value in error.headers.items():
+        response[name] = value
     set_request_id(response, request_id=request_id, surface=surface)
     return response
 

@@ -165,3 +165,110 @@ class UsageRecord(models.Model):
             + self.cache_write_tokens
             + self.output_tokens
         )
+
+
+class ProviderCredentialQuerySet(models.QuerySet["ProviderCredential"]):
+    def for_account(self, account: Account) -> "ProviderCredentialQuerySet":
+        return self.filter(account=account)
+
+
+class ProviderCredential(models.Model):
+    """An account's own key for a built-in provider, encrypted at rest.
+
+    While one is set, requests to that provider go out on it and are charged only the
+    processing fee. The key is write-only: only its last four characters are shown.
+    """
+
+    account = models.ForeignKey(
+        Account, on_delete=models.CASCADE, related_name="provider_credentials"
+    )
+    provider = models.CharField(max_length=32, choices=ModelPrice.Provider.choices)
+    # A Fernet token made by gateway/crypto.py; the plaintext is never stored.
+    encrypted_key = models.TextField()
+    last_four = models.CharField(max_length=4)
+    # When the current key was stored; replacing the key moves it.
+    set_at = models.DateTimeField(default=timezone.now)
+    set_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = ProviderCredentialQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["provider", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "provider"], name="provider_credential_unique_provider"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_provider_display()} key {self.display}"
+
+    @property
+    def display(self) -> str:
+        return f"…{self.last_four}"
+
+
+class CustomProviderQuerySet(models.QuerySet["CustomProvider"]):
+    def for_account(self, account: Account) -> "CustomProviderQuerySet":
+        return self.filter(account=account)
+
+
+class CustomProvider(models.Model):
+    """An upstream an account adds itself, called as `name:model`, charged only the fee.
+
+    `base_url` follows the SDK convention of its format: OpenAI-format providers get
+    `<base_url>/chat/completions` (so the URL usually ends in `/v1`), Anthropic-format
+    providers get `<base_url>/v1/messages`.
+    """
+
+    class ApiFormat(models.TextChoices):
+        OPENAI = "openai", "OpenAI Chat Completions"
+        ANTHROPIC = "anthropic", "Anthropic Messages"
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="custom_providers")
+    name = models.SlugField(max_length=40)
+    base_url = models.URLField(max_length=500)
+    api_format = models.CharField(max_length=16, choices=ApiFormat.choices)
+    # A Fernet token made by gateway/crypto.py, or empty for a provider without a key.
+    encrypted_key = models.TextField(blank=True, default="")
+    key_last_four = models.CharField(max_length=4, blank=True, default="")
+    key_set_at = models.DateTimeField(null=True, blank=True)
+    # Model names the provider serves; a bare name listed here routes to this provider.
+    model_names = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    objects = CustomProviderQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "name"], name="custom_provider_unique_name"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.base_url})"
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self.encrypted_key)
+
+    @property
+    def key_display(self) -> str:
+        return f"…{self.key_last_four}" if self.encrypted_key else ""

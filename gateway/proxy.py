@@ -13,11 +13,13 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -30,10 +32,11 @@ from gateway.errors import (
     missing_key,
     set_request_id,
 )
+from gateway.limits import usage_settle
 from gateway.models import UsageRecord
 from gateway.pricing import TokenUsage
 from gateway.routing import Admission, Route, models_for_key, request_admit
-from gateway.services import Attempt, usage_record
+from gateway.services import Attempt
 from gateway.usage import (
     StreamMeter,
     anthropic_usage,
@@ -44,14 +47,43 @@ from gateway.usage import (
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
 # Headers a client may send that the upstream needs to see.
 ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 SSE_SEPARATORS = (b"\r\n\r\n", b"\n\n")
 
 _clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
-# Metering tasks started after a client went away; kept so they are not collected early.
+# Metering tasks that run after the response; kept so they are not collected early.
 _background_tasks: set[asyncio.Task] = set()
+# Separate pools, so a backlog of metering writes cannot delay admission of new requests.
+ADMISSION_EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-admit")
+METERING_EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-meter")
+
+
+async def run_in(executor: ThreadPoolExecutor, function: Callable[..., T], **kwargs) -> T:
+    """Run a database function in a worker thread of `executor`."""
+
+    def call() -> T:
+        # Worker threads outlive requests, so they drop broken or expired connections
+        # the way Django does at the start of each request.
+        close_old_connections()
+        return function(**kwargs)
+
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+def run_in_background(coroutine: Coroutine) -> None:
+    task = asyncio.ensure_future(coroutine)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+
+async def background_tasks_drain() -> None:
+    """Wait for metering still running after responses, before the server stops."""
+    while _background_tasks:
+        await asyncio.gather(*list(_background_tasks), return_exceptions=True)
 
 
 def upstream_client() -> httpx.AsyncClient:
@@ -144,7 +176,14 @@ async def _meter(
         error_type=error_type,
         price=route.price,
     )
-    await sync_to_async(usage_record, thread_sensitive=False)(attempt=record)
+    # Settling counts the cost against the key's limits and drops the request's hold.
+    await run_in(
+        METERING_EXECUTOR,
+        usage_settle,
+        attempt=record,
+        reservation=admission.reservation,
+        final=final,
+    )
 
 
 # Upstream answers after which the next model of a `models` fallback chain is tried.
@@ -163,8 +202,8 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
     if body is None:
         return error_response(invalid_json(), surface=surface, request_id=request_id)
     try:
-        admission = await sync_to_async(request_admit, thread_sensitive=False)(
-            raw_key=raw_key, body=body, surface=surface
+        admission = await run_in(
+            ADMISSION_EXECUTOR, request_admit, raw_key=raw_key, body=body, surface=surface
         )
     except GatewayError as error:
         return error_response(error, surface=surface, request_id=request_id)
@@ -272,7 +311,7 @@ async def _whole_response(*, upstream: httpx.Response, meter_args: dict) -> Http
         payload = load_json(content) or {}
         raw_usage = payload.get("usage") or {}
         usage = openai_usage(raw_usage) if surface == OPENAI else anthropic_usage(raw_usage)
-    await _meter(
+    metering = _meter(
         **meter_args,
         status=UsageRecord.Status.SUCCEEDED if succeeded else UsageRecord.Status.UPSTREAM_ERROR,
         http_status=upstream.status_code,
@@ -280,6 +319,11 @@ async def _whole_response(*, upstream: httpx.Response, meter_args: dict) -> Http
         final=True,
         error_type="" if succeeded else f"http_{upstream.status_code}",
     )
+    if settings.GATEWAY_METER_AFTER_RESPONSE:
+        # The charge lands a few milliseconds after the client has its answer.
+        run_in_background(metering)
+    else:
+        await metering
     response = HttpResponse(
         content,
         status=upstream.status_code,
@@ -395,9 +439,7 @@ async def _stream_events(
                 error_type = error_type or ("incomplete" if completed else "client_abort")
             # The client may be gone and this generator cancelled, so the record is
             # written by a task of its own.
-            task = asyncio.ensure_future(meter_now(status))
-            _background_tasks.add(task)
-            task.add_done_callback(_background_tasks.discard)
+            run_in_background(meter_now(status))
         await upstream.aclose()
 
 
@@ -429,7 +471,7 @@ async def models_list(request: HttpRequest) -> HttpResponse:
     if not raw_key:
         return error_response(missing_key(), surface=surface, request_id=request_id)
     try:
-        models = await sync_to_async(models_for_key, thread_sensitive=False)(raw_key=raw_key)
+        models = await run_in(ADMISSION_EXECUTOR, models_for_key, raw_key=raw_key)
     except GatewayError as error:
         return error_response(error, surface=surface, request_id=request_id)
     if surface == ANTHROPIC:

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "tb_"
 ACCESS_KEY_CACHE_KEY = "gateway:access-key:{key_hash}"
+# USD 1,000,000: far above any key's budget, and exact in the limit checks (below 2**53).
+SPEND_LIMIT_MAX_NANOUSD = 10**15
+REQUESTS_PER_MINUTE_MAX = 1_000_000
 
 
 class AccessKeyError(Exception):
@@ -65,8 +68,11 @@ def access_key_create(
         )
     if expires_at is not None and expires_at <= timezone.now():
         raise AccessKeyError("expires_at must be in the future.")
-    if spend_limit_nanousd is not None and spend_limit_nanousd <= 0:
-        raise AccessKeyError("spend_limit must be positive.")
+    _limits_validate(
+        spend_limit_nanousd=spend_limit_nanousd,
+        spend_limit_period=spend_limit_period,
+        requests_per_minute=requests_per_minute,
+    )
 
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
     access_key = AccessKey.objects.create(
@@ -88,6 +94,32 @@ def access_key_create(
     return CreatedAccessKey(access_key=access_key, raw_key=raw_key)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _limits_validate(
+    *, spend_limit_nanousd: object, spend_limit_period: object, requests_per_minute: object
+) -> None:
+    if spend_limit_nanousd is not None and not (
+        _is_int(spend_limit_nanousd) and 0 < spend_limit_nanousd <= SPEND_LIMIT_MAX_NANOUSD
+    ):
+        raise AccessKeyError("spend_limit must be more than USD 0 and at most USD 1,000,000.")
+    if spend_limit_period not in AccessKey.SpendLimitPeriod.values:
+        raise AccessKeyError(
+            "spend_limit_period must be one of "
+            f"{', '.join(AccessKey.SpendLimitPeriod.values)}."
+        )
+    if spend_limit_nanousd is None and spend_limit_period != AccessKey.SpendLimitPeriod.NEVER:
+        raise AccessKeyError("spend_limit_period needs a spend_limit.")
+    if requests_per_minute is not None and not (
+        _is_int(requests_per_minute) and 0 < requests_per_minute <= REQUESTS_PER_MINUTE_MAX
+    ):
+        raise AccessKeyError(
+            f"requests_per_minute must be a whole number from 1 to {REQUESTS_PER_MINUTE_MAX}."
+        )
+
+
 @transaction.atomic
 def access_key_revoke(*, access_key: AccessKey) -> AccessKey:
     """Revoke a key; it stops working as soon as this transaction commits."""
@@ -102,6 +134,21 @@ def access_key_revoke(*, access_key: AccessKey) -> AccessKey:
     return access_key
 
 
+def access_keys_cache_evict(*, account_id: int) -> None:
+    """Drop the cached identities of the account's keys once the transaction commits.
+
+    Call it after changing what an identity caches about the account (`is_frozen`), so
+    the gateway sees the change on the next request, not when the cache entry times out.
+    """
+    key_hashes = AccessKey.objects.filter(account_id=account_id, revoked_at__isnull=True)
+    keys = [
+        ACCESS_KEY_CACHE_KEY.format(key_hash=key_hash)
+        for key_hash in key_hashes.values_list("key_hash", flat=True)
+    ]
+    if keys:
+        transaction.on_commit(lambda: cache.delete_many(keys))
+
+
 @dataclass(frozen=True)
 class KeyIdentity:
     """What the gateway needs to know about a key, cached so that requests skip the database."""
@@ -114,6 +161,10 @@ class KeyIdentity:
     allowed_providers: list[str] = field(default_factory=list)
     allowed_models: list[str] = field(default_factory=list)
     account_frozen: bool = False
+    # Enforced by gateway/limits.py; None means no limit.
+    spend_limit_nanousd: int | None = None
+    spend_limit_period: str = AccessKey.SpendLimitPeriod.NEVER
+    requests_per_minute: int | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
@@ -146,6 +197,9 @@ def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
             allowed_providers=list(access_key.allowed_providers),
             allowed_models=list(access_key.allowed_models),
             account_frozen=access_key.account.is_frozen,
+            spend_limit_nanousd=access_key.spend_limit_nanousd,
+            spend_limit_period=access_key.spend_limit_period,
+            requests_per_minute=access_key.requests_per_minute,
         )
         cache.set(cache_key, asdict(identity), timeout=settings.GATEWAY_AUTH_CACHE_SECONDS)
     if identity.expires_at is not None and timezone.now() >= identity.expires_at:

@@ -5,6 +5,8 @@ the README lists each variable. With no environment set, Tollbooth runs on SQLit
 an embedded Celery broker, so `make run` works on a bare machine.
 """
 
+import base64
+import hashlib
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -216,8 +218,32 @@ ANTHROPIC_BASE_URL = os.environ.get("ANTHROPIC_BASE_URL", "https://api.anthropic
 ANTHROPIC_API_KEY = os.environ.get("ANTHROPIC_API_KEY", "")
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", "600"))
 GATEWAY_CONNECT_TIMEOUT_SECONDS = float(os.environ.get("GATEWAY_CONNECT_TIMEOUT_SECONDS", "10"))
+# Whole (not streamed) responses are charged right after they are sent, off the
+# latency path; off, the charge is written before the response leaves.
+GATEWAY_METER_AFTER_RESPONSE = env_bool("GATEWAY_METER_AFTER_RESPONSE", True)
 # Access keys and balances are cached this long; revokes and ledger changes evict them.
 GATEWAY_AUTH_CACHE_SECONDS = int(os.environ.get("GATEWAY_AUTH_CACHE_SECONDS", "60"))
+# Reservations of a request's worst-case cost lapse after this long, so a process that
+# dies mid-request cannot hold credit forever; a bit longer than the upstream timeout.
+GATEWAY_RESERVATION_TTL_SECONDS = int(
+    os.environ.get(
+        "GATEWAY_RESERVATION_TTL_SECONDS", str(int(GATEWAY_UPSTREAM_TIMEOUT_SECONDS) + 60)
+    )
+)
+
+# Provider keys that accounts store (their own OpenAI and Anthropic keys, custom provider
+# keys) are encrypted with these comma-separated Fernet keys: the first encrypts, all
+# decrypt, so a new key goes first during a rotation (see gateway/crypto.py).
+GATEWAY_ENCRYPTION_KEY = os.environ.get("GATEWAY_ENCRYPTION_KEY", "")
+if not GATEWAY_ENCRYPTION_KEY:
+    # NOTE: development only: a stable key derived from SECRET_KEY, so stored provider keys
+    # survive restarts. Production sets its own key; otherwise changing SECRET_KEY makes
+    # every stored provider key unreadable.
+    GATEWAY_ENCRYPTION_KEY = base64.urlsafe_b64encode(
+        hashlib.sha256(b"tollbooth-provider-keys:" + SECRET_KEY.encode()).digest()
+    ).decode()
+# Custom providers must resolve to public addresses unless this is set (local models, tests).
+GATEWAY_ALLOW_PRIVATE_UPSTREAMS = env_bool("GATEWAY_ALLOW_PRIVATE_UPSTREAMS", False)
 
 # Celery. https://docs.celeryq.dev/en/stable/userguide/configuration.html
 CELERY_BROKER_URL = os.environ.get(
@@ -238,6 +264,14 @@ CELERY_BEAT_SCHEDULE = {
     "reconcile-checkout-sessions": {
         "task": "credits.tasks.checkout_sessions_reconcile",
         "schedule": timedelta(minutes=15),
+    },
+    "remind-expiring-credit-lots": {
+        "task": "credits.tasks.credit_lot_expiry_reminders_queue",
+        "schedule": timedelta(hours=1),
+    },
+    "check-low-balance-alerts": {
+        "task": "credits.tasks.accounts_low_balance_check_all",
+        "schedule": timedelta(hours=1),
     },
 }
 

@@ -6,7 +6,7 @@ is checked to the nano-dollar.
 
 Prices used below (nano-dollars per token, from the seeded price table):
 gpt-4o-mini input 150, output 600; claude-haiku-4-5 input 1000, output 5000;
-claude-opus-4-1 input 15000, output 75000. The fee is 50 per token.
+gpt-4o input 2500, output 10000. The fee is 50 per token.
 The local upstream counts one input token per word and, unless told otherwise,
 returns 8 output tokens.
 """
@@ -30,7 +30,7 @@ from credits.services import (
 )
 from credits.tasks import credit_lots_expire_due
 from devtools.stripe_server import build_event, sign_payload
-from gateway.models import UsageRecord
+from tests.gateway_helpers import wait_for_record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -110,7 +110,7 @@ def test_buy_call_run_out_buy_again_expire(server, stripe_url, upstream_url, own
     request_id = raw.headers["x-request-id"]
     assert completion.usage.prompt_tokens == 2
     assert completion.usage.completion_tokens == 8
-    record = UsageRecord.objects.get(request_id=request_id)
+    record = wait_for_record(request_id)
     assert (record.fee_nanousd, record.model_cost_nanousd, record.cost_nanousd) == (
         500,
         5100,
@@ -142,6 +142,7 @@ def test_buy_call_run_out_buy_again_expire(server, stripe_url, upstream_url, own
     assert message.usage.input_tokens == 2
     assert message.usage.output_tokens == 8
     assert raw_message.headers["request-id"] == raw_message.headers["x-request-id"]
+    wait_for_record(raw_message.headers["request-id"])
     spent = 5600 + 5800 + 42500
     assert balance(server, key)["balance_nanousd"] == START_BALANCE - spent
 
@@ -159,21 +160,22 @@ def test_buy_call_run_out_buy_again_expire(server, stripe_url, upstream_url, own
     spent += 21250
     assert balance(server, key)["balance_nanousd"] == START_BALANCE - spent
 
-    # 6. One large request overshoots: 1 input and 100000 output tokens on claude-opus-4-1.
-    # fee 50 * 100001 = 5000050; model 15000 + 75000 * 100000 = 7500015000.
-    overshoot = 5_000_050 + 7_500_015_000
-    claude.messages.create(
-        model="claude-opus-4-1",
-        max_tokens=100_000,
-        messages=[{"role": "user", "content": "essay"}],
-        extra_body={"x_upstream": {"output-tokens": 100000}},
-        # An explicit timeout stops the SDK from demanding a stream for a large max_tokens.
-        timeout=60,
-    )
-    spent += overshoot
+    # 6. Large requests without max_tokens are not held, so the last one overshoots.
+    # Each: 1 input and 100000 output tokens on gpt-4o; fee 50 * 100001 = 5000050,
+    # model 2500 + 10000 * 100000 = 1000002500; total 1005002550.
+    big_cost = 1_005_002_550
+    for _ in range(5):
+        big = client.chat.completions.with_raw_response.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "essay"}],
+            extra_body={"x_upstream": {"output-tokens": 100_000}},
+        )
+        assert wait_for_record(big.headers["x-request-id"]).cost_nanousd == big_cost
+        spent += big_cost
     after_overshoot = balance(server, key)
     assert after_overshoot["balance_nanousd"] == START_BALANCE - spent
     debt = spent - START_BALANCE
+    assert debt == 25_087_900
     assert after_overshoot["debt_nanousd"] == debt
     assert after_overshoot["lots"] == []
 
@@ -198,9 +200,10 @@ def test_buy_call_run_out_buy_again_expire(server, stripe_url, upstream_url, own
     refilled = balance(server, key)
     assert refilled["balance_nanousd"] == 10_000_000_000 - debt
     assert refilled["debt_nanousd"] == 0
-    client.chat.completions.create(
+    again = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hello world"}]
     )
+    assert wait_for_record(again.headers["x-request-id"]).cost_nanousd == 5600
     assert balance(server, key)["balance_nanousd"] == 10_000_000_000 - debt - 5600
 
     # 9. A lot past expires_at leaves the balance before the task runs; the task is idempotent.

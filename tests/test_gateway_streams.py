@@ -7,7 +7,6 @@ steer the upstream through it).
 
 import json
 import re
-import time
 
 import httpx
 import openai
@@ -16,6 +15,7 @@ import pytest
 from credits.models import LedgerTransaction
 from credits.services import account_balance
 from gateway.models import ModelPrice, UsageRecord
+from tests.gateway_helpers import wait_for_record
 
 pytestmark = [
     pytest.mark.e2e,
@@ -40,17 +40,6 @@ def post_stream(url: str, key: str, body: dict) -> tuple[httpx.Response, list[by
 
 def normalise(events: list[bytes]) -> list[bytes]:
     return [VOLATILE.sub(rb'"\1":"*"', event) for event in events]
-
-
-def wait_for_record(request_id: str, timeout: float = 5.0) -> UsageRecord:
-    """Return the usage record of a request whose metering runs after the client left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = UsageRecord.objects.filter(request_id=request_id).first()
-        if record is not None:
-            return record
-        time.sleep(0.05)
-    raise AssertionError(f"no usage record for {request_id}")
 
 
 def balance_of(tenant) -> int:
@@ -101,7 +90,7 @@ def test_openai_cached_and_reasoning_tokens_are_priced(server, funded):
         extra_body={"x_upstream": {"cached-tokens": 100, "reasoning-tokens": 5}},
     )
 
-    record = UsageRecord.objects.get(request_id=raw.headers["x-request-id"])
+    record = wait_for_record(raw.headers["x-request-id"])
     # prompt 102 of which 100 cached; completion 13 of which 5 reasoning.
     assert (record.input_tokens, record.cache_read_tokens) == (2, 100)
     assert (record.output_tokens, record.reasoning_tokens) == (13, 5)
@@ -197,7 +186,7 @@ def test_upstream_error_passes_through_uncharged(server, upstream_url, funded, s
 
     assert response.status_code == status
     assert response.json() == direct.json()
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = wait_for_record(response.headers["x-request-id"])
     assert (record.status, record.cost_nanousd) == (UsageRecord.Status.UPSTREAM_ERROR, 0)
     assert LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.USAGE).count() == 0
     assert balance_of(funded) == TEN_USD
@@ -219,6 +208,7 @@ def test_fallback_chain_tries_next_model(server, funded):
 
     assert raw.parse().model == "gpt-4o-mini"
     request_id = raw.headers["x-request-id"]
+    wait_for_record(request_id, attempt=2)
     records = UsageRecord.objects.filter(request_id=request_id).order_by("attempt")
     assert [(r.attempt, r.model, r.status, r.cost_nanousd) for r in records] == [
         (1, "fail-500", UsageRecord.Status.UPSTREAM_ERROR, 0),

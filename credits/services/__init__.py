@@ -1,5 +1,13 @@
 """Credit operations. Views, the API, the admin, tasks and webhook receivers call these."""
 
+from credits.services.alerts import (
+    account_low_balance_check,
+    account_low_balance_threshold_set,
+    accounts_with_low_balance_threshold,
+    alert_recipients,
+    credit_lot_expiry_reminder_send,
+    credit_lots_due_for_expiry_reminder,
+)
 from credits.services.checkout import (
     LOCAL_WEBHOOK_ENDPOINT_ID,
     checkout_session_create,
@@ -23,6 +31,14 @@ from credits.services.ledger import (
     purchase_lot_create,
     usage_debit,
 )
+from credits.services.staff import (
+    account_freeze,
+    account_unfreeze,
+    credit_lot_expiry_extend,
+    credit_lot_void,
+    promotional_credit_grant,
+    usd_amount_parse,
+)
 
 __all__ = [
     "BALANCE_CACHE_KEY",
@@ -32,16 +48,28 @@ __all__ = [
     "Debit",
     "account_balance",
     "account_balance_cached",
+    "account_freeze",
+    "account_low_balance_check",
+    "account_low_balance_threshold_set",
+    "account_unfreeze",
+    "accounts_with_low_balance_threshold",
+    "alert_recipients",
     "checkout_session_create",
     "checkout_session_fulfil",
     "checkout_sessions_reconcile",
     "credit_grant",
     "credit_lot_expire",
+    "credit_lot_expiry_extend",
+    "credit_lot_expiry_reminder_send",
+    "credit_lot_void",
     "credit_lots_due_for_expiry",
+    "credit_lots_due_for_expiry_reminder",
     "credit_lots_expire_due",
     "ledger_violations",
     "lot_expiry_for",
+    "promotional_credit_grant",
     "purchase_lot_create",
     "stripe_webhook_endpoint_configure",
     "usage_debit",
+    "usd_amount_parse",
 ]

@@ -8,7 +8,7 @@ nothing. The other service modules build on `locked_account`, `transaction_recor
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from dateutil.relativedelta import relativedelta
 from django.conf import settings
@@ -18,6 +18,7 @@ from django.db.models import Min, Sum
 from django.utils import timezone
 
 from accounts.models import Account, User
+from credits import tasks as credit_tasks
 from credits.models import CheckoutPurchase, CreditLot, LedgerEntry, LedgerTransaction
 from credits.money import nanousd_from_cents
 
@@ -40,11 +41,13 @@ class Balance:
 
 
 def lot_expiry_for(created_at: datetime) -> datetime:
-    """Return the expiry of a lot bought at `created_at`: one calendar year later.
+    """Return the expiry of a lot bought at `created_at`: one calendar year later, in UTC.
 
     relativedelta clamps 29 February to 28 February in a year that has no leap day.
+    The year is counted in UTC, so the expiry depends only on the instant, not on the
+    zone the caller spelled it in (wall-clock arithmetic shifts across DST and dates).
     """
-    return created_at + relativedelta(years=settings.CREDITS_LOT_LIFETIME_YEARS)
+    return created_at.astimezone(UTC) + relativedelta(years=settings.CREDITS_LOT_LIFETIME_YEARS)
 
 
 def account_balance(*, account_id: int, at: datetime | None = None) -> Balance:
@@ -132,6 +135,10 @@ def transaction_record(
         if amount != 0
     )
     balance_cache_evict_on_commit(account.pk)
+    # Free unless the alert state must change: the check and its email run in Celery.
+    if account.low_balance_alert_due(balance_nanousd=balance_after):
+        check = credit_tasks.account_low_balance_check
+        transaction.on_commit(lambda: check.delay(account.pk), robust=True)
     return ledger_transaction
 
 
@@ -457,6 +464,26 @@ def ledger_violations(*, account: Account, at: datetime | None = None) -> list[s
         entries = entry_sums.get(ledger_transaction.pk) or 0
         # An expiry moves a remainder that the balance had already dropped.
         if ledger_transaction.kind == LedgerTransaction.Kind.EXPIRY:
+            continue
+        # A dispute's freeze or unfreeze takes a lot out of the balance or puts it back
+        # without touching the lot: the amount is that change, and there are no entries.
+        if ledger_transaction.kind in (
+            LedgerTransaction.Kind.FREEZE,
+            LedgerTransaction.Kind.UNFREEZE,
+        ):
+            if entries or opened:
+                violations.append(
+                    f"transaction {ledger_transaction.pk}: a {ledger_transaction.kind} "
+                    f"must have no entries, but they sum to {entries}"
+                )
+            continue
+        # Voiding a frozen lot (a lost dispute) removes a remainder that the freeze had
+        # already taken out of the balance, so, like an expiry, its amount is zero.
+        if (
+            ledger_transaction.kind == LedgerTransaction.Kind.VOID
+            and ledger_transaction.amount_nanousd == 0
+            and entries <= 0
+        ):
             continue
         if opened + entries != ledger_transaction.amount_nanousd:
             violations.append(

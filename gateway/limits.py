@@ -1,0 +1,796 @@
+"""Per-key limits and per-request reservations, enforced atomically across processes.
+
+Before a request is forwarded, one atomic step checks, in this order:
+
+1. the key's requests per minute: admitted requests in a sliding 60-second window;
+2. the key's spend limit: spend settled in the current period (UTC day, ISO week from
+   Monday, calendar month, or ever) plus the reservations the key holds;
+3. the account's credit: the cached balance minus the reservations the account holds.
+
+A request that states `max_tokens` (or `max_completion_tokens`) reserves its worst-case
+cost on the account and, when the key has a spend limit, on the key; it is admitted only
+when that reservation fits. A request without one is admitted while some room is left and
+holds nothing. Once the response is metered, `reservation_settle` drops the hold and counts
+the real cost. Holds also lapse on their own after GATEWAY_RESERVATION_TTL_SECONDS, so a
+process that dies mid-request cannot leak them. Concurrent requests therefore overshoot a
+balance or a spend limit by at most the unreserved requests in flight.
+
+With Redis (`REDIS_URL` set) the state lives in the cache's Redis database and each step
+is one Lua script, so every process sees every other's requests. Without Redis (the
+single-process `make run` default) it lives in this process behind a lock, with the same
+semantics. Spend counters are a cache of `UsageRecord.cost_nanousd`: a counter that is
+missing (a flushed or restarted store, a new period) is rebuilt with one query.
+
+Amounts are integer nano-dollars. Lua numbers are doubles, which hold every integer below
+2**53 (about USD 9 million) exactly; amounts passed to the scripts are capped below that,
+and the settled spend is only ever added with Redis's own 64-bit INCRBY.
+"""
+
+import logging
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import redis
+from dateutil.relativedelta import relativedelta
+from django.conf import settings
+from django.db.models import Sum
+from django.utils import timezone
+
+from credits.money import format_usd_short
+from credits.services import account_balance_cached
+from gateway.errors import GatewayError
+from gateway.models import AccessKey, UsageRecord
+from gateway.pricing import Price, TokenUsage, request_cost
+from gateway.services import Attempt, KeyIdentity, usage_record
+from gateway.usage import estimate_tokens, request_text
+
+logger = logging.getLogger(__name__)
+
+# Every integer below this is exact as a Lua number (a double).
+EXACT_LIMIT = 2**53 - 1
+REQUEST_WINDOW_MS = 60_000
+# The text estimate (about four characters a token) can be off by a factor of two for
+# code or other languages, and messages carry framing tokens of their own.
+INPUT_ESTIMATE_FACTOR = 2
+INPUT_ESTIMATE_MARGIN_TOKENS = 256
+# Counters of a spend limit that never resets expire after a week idle and are rebuilt.
+LIFETIME_COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
+# Counters of a calendar period outlive the period by a day, for late settlements.
+PERIOD_COUNTER_GRACE_MS = 24 * 3600 * 1000
+SETTLE_COUNT_TTL_MS = 24 * 3600 * 1000
+# Retries when a settlement lands between reading the balance and the admission step.
+STALE_RETRIES = 3
+ADMIT_ROUNDS = 8
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PERIOD_NAMES = {
+    AccessKey.SpendLimitPeriod.DAILY: "daily",
+    AccessKey.SpendLimitPeriod.WEEKLY: "weekly",
+    AccessKey.SpendLimitPeriod.MONTHLY: "monthly",
+    AccessKey.SpendLimitPeriod.NEVER: "lifetime",
+}
+
+
+def epoch_ms(at: datetime) -> int:
+    """Return milliseconds since 1970 as an exact integer."""
+    return (at - _EPOCH) // timedelta(milliseconds=1)
+
+
+def ceil_seconds(milliseconds: int) -> int:
+    return max(1, -(-milliseconds // 1000))
+
+
+@dataclass(frozen=True)
+class SpendPeriod:
+    """The UTC calendar period a spend limit counts in; both ends None for `never`."""
+
+    kind: str
+    start: datetime | None
+    end: datetime | None
+
+    @property
+    def slug(self) -> str:
+        if self.start is None:
+            return "all"
+        return f"{self.kind[0]}{self.start:%Y%m%d}"
+
+
+def spend_period(*, period: str, at: datetime) -> SpendPeriod:
+    """Return the period containing `at`: a UTC day, an ISO week or a calendar month."""
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == AccessKey.SpendLimitPeriod.DAILY:
+        return SpendPeriod(period, day, day + timedelta(days=1))
+    if period == AccessKey.SpendLimitPeriod.WEEKLY:
+        start = day - timedelta(days=day.weekday())
+        return SpendPeriod(period, start, start + timedelta(days=7))
+    if period == AccessKey.SpendLimitPeriod.MONTHLY:
+        start = day.replace(day=1)
+        return SpendPeriod(period, start, start + relativedelta(months=1))
+    return SpendPeriod(AccessKey.SpendLimitPeriod.NEVER, None, None)
+
+
+def spend_counter_ttl_ms(period: SpendPeriod, *, at: datetime) -> int:
+    if period.end is None:
+        return LIFETIME_COUNTER_TTL_MS
+    return max(1, epoch_ms(period.end) - epoch_ms(at)) + PERIOD_COUNTER_GRACE_MS
+
+
+def key_spend_recorded(*, account_id: int, key_id: int, period: SpendPeriod) -> int:
+    """Sum the recorded cost of a key's requests in a period (one query)."""
+    records = UsageRecord.objects.filter(account_id=account_id, access_key_id=key_id)
+    if period.start is not None:
+        records = records.filter(created_at__gte=period.start, created_at__lt=period.end)
+    return records.aggregate(total=Sum("cost_nanousd"))["total"] or 0
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def worst_case_cost(*, body: dict, price: Price | None) -> int:
+    """Return the most a request can cost on one route, or 0 when it states no output limit.
+
+    Input is the text estimate doubled plus a margin, priced at the dearest input rate
+    (cache writes cost more than plain input); output is the limit times `n` choices.
+    Images and tool definitions are not in the estimate.
+    """
+    limits = [_positive_int(body.get(name)) for name in ("max_tokens", "max_completion_tokens")]
+    output_limit = max((limit for limit in limits if limit is not None), default=None)
+    if output_limit is None:
+        return 0
+    choices = _positive_int(body.get("n")) or 1
+    input_tokens = (
+        estimate_tokens(request_text(body)) * INPUT_ESTIMATE_FACTOR + INPUT_ESTIMATE_MARGIN_TOKENS
+    )
+    usage = TokenUsage(input_tokens=input_tokens, output_tokens=output_limit * choices)
+    dearest = None
+    if price is not None:
+        dearest = Price(
+            input=max(price.input, price.cache_read, price.cache_write),
+            output=price.output,
+            cache_read=0,
+            cache_write=0,
+        )
+    return request_cost(usage=usage, price=dearest).total_nanousd
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admitted request holds until it is settled."""
+
+    reservation_id: str
+    account_id: int
+    key_id: int
+    # Worst-case cost held on the account, and on the key when it has a spend limit.
+    hold_nanousd: int
+    # The key's spend limit period; the settle time picks the counter within it.
+    spend_limit_period: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer of the admission step; amounts are what the step saw."""
+
+    status: str
+    retry_after_ms: int = 0
+    spent_nanousd: int = 0
+    key_held_nanousd: int = 0
+    account_held_nanousd: int = 0
+
+
+ADMITTED = "ok"
+STALE = "stale"
+REBUILD = "rebuild"
+OVER_REQUESTS = "rpm"
+OVER_SPEND = "spend"
+OVER_BALANCE = "balance"
+
+
+@dataclass(frozen=True)
+class AdmitArgs:
+    reservation_id: str
+    account_id: int
+    key_id: int
+    now_ms: int
+    hold_nanousd: int
+    balance_nanousd: int
+    # None skips the check that no settlement happened since the balance was read.
+    expected_settles: str | None
+    spend_limit_nanousd: int | None
+    spend_slug: str
+    requests_per_minute: int | None
+    hold_ttl_ms: int
+
+
+# Keys: 1 account holds (zset id -> expiry ms), 2 account held (hash id -> nanousd),
+# 3 account settle count, 4 key holds, 5 key held, 6 key spend counter, 7 key window
+# (zset id -> admitted ms). ARGV: 1 now ms, 2 id, 3 hold, 4 balance, 5 expected settle
+# count ('' = unchecked), 6 spend limit ('' = none), 7 requests per minute ('' = none),
+# 8 hold ttl ms, 9 window ms.
+ADMIT_SCRIPT = """
+local now = tonumber(ARGV[1])
+local hold = tonumber(ARGV[3])
+local balance = tonumber(ARGV[4])
+local limit = tonumber(ARGV[6])
+local rpm = tonumber(ARGV[7])
+local ttl = tonumber(ARGV[8])
+local window = tonumber(ARGV[9])
+
+if ARGV[5] ~= '' and (redis.call('GET', KEYS[3]) or '0') ~= ARGV[5] then
+  return {'stale'}
+end
+
+local function held(zset, hash)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', now)) do
+    redis.call('ZREM', zset, member)
+    redis.call('HDEL', hash, member)
+  end
+  local total = 0
+  for _, amount in ipairs(redis.call('HVALS', hash)) do
+    total = total + tonumber(amount)
+  end
+  return total
+end
+
+if rpm then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[7]) >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
+    return {'rpm', tonumber(oldest[2]) + window - now}
+  end
+end
+
+if limit then
+  local spent = redis.call('GET', KEYS[6])
+  if not spent then
+    return {'rebuild'}
+  end
+  spent = tonumber(spent)
+  local key_held = held(KEYS[4], KEYS[5])
+  if spent + key_held >= limit or spent + key_held + hold > limit then
+    return {'spend', spent, key_held}
+  end
+end
+
+local account_held = held(KEYS[1], KEYS[2])
+if account_held >= balance or account_held + hold > balance then
+  return {'balance', account_held}
+end
+
+if hold > 0 then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  if limit then
+    redis.call('ZADD', KEYS[4], now + ttl, ARGV[2])
+    redis.call('HSET', KEYS[5], ARGV[2], ARGV[3])
+    redis.call('PEXPIRE', KEYS[4], ttl)
+    redis.call('PEXPIRE', KEYS[5], ttl)
+  end
+end
+if rpm then
+  redis.call('ZADD', KEYS[7], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[7], window)
+end
+return {'ok'}
+"""
+
+# Keys: 1 account holds, 2 account held, 3 account settle count, 4 key holds, 5 key held,
+# 6 key spend counter. ARGV: 1 id, 2 cost, 3 release ('1' or '0'), 4 settle count ttl ms.
+# A missing counter is left missing: its rebuild reads the usage record instead.
+SETTLE_SCRIPT = """
+if ARGV[3] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
+end
+if ARGV[2] ~= '0' then
+  if redis.call('EXISTS', KEYS[6]) == 1 then
+    redis.call('INCRBY', KEYS[6], ARGV[2])
+  end
+  redis.call('INCR', KEYS[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+end
+return 1
+"""
+
+# Keys: 1 account settle count, 2 key spend counter. ARGV: 1 expected settle count
+# ('' = unchecked), 2 spent, 3 counter ttl ms. Refuses when a settlement happened since
+# the caller started counting, because its cost may be missing from the sum.
+SEED_SCRIPT = """
+if ARGV[1] ~= '' and (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3], 'NX')
+return 1
+"""
+
+
+class RedisLimits:
+    """Limits state in Redis; every check-and-hold is one Lua script."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self._admit = self.client.register_script(ADMIT_SCRIPT)
+        self._settle = self.client.register_script(SETTLE_SCRIPT)
+        self._seed = self.client.register_script(SEED_SCRIPT)
+
+    def _account(self, account_id: int) -> str:
+        # The hash tag keeps one account's keys in one cluster slot, as scripts require.
+        return f"{self.prefix}:limits:{{a{account_id}}}"
+
+    def _keys(self, account_id: int, key_id: int, spend_slug: str) -> list[str]:
+        account = self._account(account_id)
+        key = f"{account}:k{key_id}"
+        return [
+            f"{account}:holds",
+            f"{account}:held",
+            f"{account}:settles",
+            f"{key}:holds",
+            f"{key}:held",
+            f"{key}:spend:{spend_slug}",
+            f"{key}:window",
+        ]
+
+    def settle_count(self, *, account_id: int) -> str:
+        value = self.client.get(f"{self._account(account_id)}:settles")
+        return value.decode() if value is not None else "0"
+
+    def admit(self, args: AdmitArgs) -> Outcome:
+        reply = self._admit(
+            keys=self._keys(args.account_id, args.key_id, args.spend_slug),
+            args=[
+                args.now_ms,
+                args.reservation_id,
+                args.hold_nanousd,
+                args.balance_nanousd,
+                args.expected_settles or "",
+                "" if args.spend_limit_nanousd is None else args.spend_limit_nanousd,
+                "" if args.requests_per_minute is None else args.requests_per_minute,
+                args.hold_ttl_ms,
+                REQUEST_WINDOW_MS,
+            ],
+        )
+        status = reply[0].decode()
+        if status == OVER_REQUESTS:
+            return Outcome(status, retry_after_ms=int(reply[1]))
+        if status == OVER_SPEND:
+            return Outcome(status, spent_nanousd=int(reply[1]), key_held_nanousd=int(reply[2]))
+        if status == OVER_BALANCE:
+            return Outcome(status, account_held_nanousd=int(reply[1]))
+        return Outcome(status)
+
+    def spend_seed(
+        self,
+        *,
+        account_id: int,
+        key_id: int,
+        spend_slug: str,
+        spent_nanousd: int,
+        ttl_ms: int,
+        expected_settles: str | None,
+    ) -> bool:
+        keys = self._keys(account_id, key_id, spend_slug)
+        seeded = self._seed(
+            keys=[keys[2], keys[5]], args=[expected_settles or "", spent_nanousd, ttl_ms]
+        )
+        return seeded == 1
+
+    def settle(
+        self,
+        *,
+        reservation: Reservation,
+        spend_slug: str,
+        cost_nanousd: int,
+        release: bool,
+    ) -> None:
+        self._settle(
+            keys=self._keys(reservation.account_id, reservation.key_id, spend_slug)[:6],
+            args=[
+                reservation.reservation_id,
+                cost_nanousd,
+                "1" if release else "0",
+                SETTLE_COUNT_TTL_MS,
+            ],
+        )
+
+    def spend_counted(self, *, account_id: int, key_id: int, spend_slug: str) -> int | None:
+        value = self.client.get(self._keys(account_id, key_id, spend_slug)[5])
+        return int(value) if value is not None else None
+
+    def held(self, *, account_id: int, key_id: int | None, now_ms: int) -> int:
+        keys = self._keys(account_id, key_id or 0, "")
+        holds, amounts = (keys[3], keys[4]) if key_id is not None else (keys[0], keys[1])
+        live = self.client.zrangebyscore(holds, f"({now_ms}", "+inf")
+        if not live:
+            return 0
+        return sum(int(amount) for amount in self.client.hmget(amounts, live) if amount)
+
+    def clear(self) -> None:
+        """Forget every counter and hold; spend counters are rebuilt from usage records."""
+        for name in self.client.scan_iter(match=f"{self.prefix}:limits:*", count=1000):
+            self.client.delete(name)
+
+
+class LocalLimits:
+    """Limits state in this process, for a single-process deployment without Redis."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # scope ("a<account>" or "k<key>") -> reservation id -> (nanousd, expiry ms)
+        self._holds: dict[str, dict[str, tuple[int, int]]] = {}
+        # key id -> (period slug, spent nanousd); one period per key is enough.
+        self._spend: dict[int, tuple[str, int]] = {}
+        # key id -> admitted ms, oldest first
+        self._windows: dict[int, list[int]] = {}
+        self._settles: dict[int, int] = {}
+
+    def _held(self, scope: str, now_ms: int) -> int:
+        holds = self._holds.get(scope, {})
+        for reservation_id in [rid for rid, (_, until) in holds.items() if until <= now_ms]:
+            del holds[reservation_id]
+        return sum(amount for amount, _ in holds.values())
+
+    def settle_count(self, *, account_id: int) -> str:
+        with self._lock:
+            return str(self._settles.get(account_id, 0))
+
+    def admit(self, args: AdmitArgs) -> Outcome:
+        now = args.now_ms
+        with self._lock:
+            settles = str(self._settles.get(args.account_id, 0))
+            if args.expected_settles is not None and settles != args.expected_settles:
+                return Outcome(STALE)
+            window = self._windows.setdefault(args.key_id, [])
+            if args.requests_per_minute is not None:
+                window[:] = [admitted for admitted in window if admitted > now - REQUEST_WINDOW_MS]
+                if len(window) >= args.requests_per_minute:
+                    return Outcome(
+                        OVER_REQUESTS, retry_after_ms=window[0] + REQUEST_WINDOW_MS - now
+                    )
+            limit = args.spend_limit_nanousd
+            if limit is not None:
+                slug, spent = self._spend.get(args.key_id, ("", 0))
+                if slug != args.spend_slug:
+                    return Outcome(REBUILD)
+                key_held = self._held(f"k{args.key_id}", now)
+                if spent + key_held >= limit or spent + key_held + args.hold_nanousd > limit:
+                    return Outcome(OVER_SPEND, spent_nanousd=spent, key_held_nanousd=key_held)
+            account_held = self._held(f"a{args.account_id}", now)
+            balance = args.balance_nanousd
+            if account_held >= balance or account_held + args.hold_nanousd > balance:
+                return Outcome(OVER_BALANCE, account_held_nanousd=account_held)
+            if args.hold_nanousd > 0:
+                entry = (args.hold_nanousd, now + args.hold_ttl_ms)
+                self._holds.setdefault(f"a{args.account_id}", {})[args.reservation_id] = entry
+                if limit is not None:
+                    self._holds.setdefault(f"k{args.key_id}", {})[args.reservation_id] = entry
+            if args.requests_per_minute is not None:
+                window.append(now)
+            return Outcome(ADMITTED)
+
+    def spend_seed(
+        self,
+        *,
+        account_id: int,
+        key_id: int,
+        spend_slug: str,
+        spent_nanousd: int,
+        ttl_ms: int,
+        expected_settles: str | None,
+    ) -> bool:
+        with self._lock:
+            settles = str(self._settles.get(account_id, 0))
+            if expected_settles is not None and settles != expected_settles:
+                return False
+            if self._spend.get(key_id, ("", 0))[0] != spend_slug:
+                self._spend[key_id] = (spend_slug, spent_nanousd)
+            return True
+
+    def settle(
+        self,
+        *,
+        reservation: Reservation,
+        spend_slug: str,
+        cost_nanousd: int,
+        release: bool,
+    ) -> None:
+        with self._lock:
+            if release:
+                for scope in (f"a{reservation.account_id}", f"k{reservation.key_id}"):
+                    self._holds.get(scope, {}).pop(reservation.reservation_id, None)
+            if cost_nanousd:
+                slug, spent = self._spend.get(reservation.key_id, ("", 0))
+                if slug == spend_slug:
+                    self._spend[reservation.key_id] = (slug, spent + cost_nanousd)
+                account_id = reservation.account_id
+                self._settles[account_id] = self._settles.get(account_id, 0) + 1
+
+    def spend_counted(self, *, account_id: int, key_id: int, spend_slug: str) -> int | None:
+        with self._lock:
+            slug, spent = self._spend.get(key_id, ("", 0))
+            return spent if slug == spend_slug else None
+
+    def held(self, *, account_id: int, key_id: int | None, now_ms: int) -> int:
+        with self._lock:
+            scope = f"k{key_id}" if key_id is not None else f"a{account_id}"
+            return self._held(scope, now_ms)
+
+    def clear(self) -> None:
+        """Forget every counter and hold, as a restart would."""
+        with self._lock:
+            self._holds.clear()
+            self._spend.clear()
+            self._windows.clear()
+            self._settles.clear()
+
+
+_local_store = LocalLimits()
+_redis_stores: dict[str, RedisLimits] = {}
+_redis_stores_lock = threading.Lock()
+
+
+def limits_store() -> RedisLimits | LocalLimits:
+    """Return the store of the configured backend: Redis when REDIS_URL is set.
+
+    Limits live in the cache's Redis database, so whatever keeps caches apart (one
+    database per deployment or per test worker) keeps limits apart too.
+    """
+    if not settings.REDIS_URL:
+        return _local_store
+    cache_settings = settings.CACHES["default"]
+    url = settings.REDIS_URL
+    if "redis" in cache_settings["BACKEND"].lower():
+        location = cache_settings["LOCATION"]
+        url = location[0] if isinstance(location, list | tuple) else location.split(",")[0]
+    prefix = cache_settings.get("KEY_PREFIX") or "tollbooth"
+    with _redis_stores_lock:
+        store = _redis_stores.get(url)
+        if store is None:
+            store = _redis_stores[url] = RedisLimits(url, prefix)
+    return store
+
+
+def reservation_hold(
+    *,
+    identity: KeyIdentity,
+    body: dict,
+    prices: list[Price | None],
+    at: datetime | None = None,
+) -> Reservation:
+    """Check the key's limits and the account's credit, and hold the worst-case cost.
+
+    `prices` are those of every route the request may take; the dearest worst case is
+    held. Raises GatewayError: 429 over the requests per minute or the spend limit, 402
+    when the credit left after other holds does not cover the request, 503 when the
+    limits store cannot be reached.
+    """
+    at = at or timezone.now()
+    hold = max((worst_case_cost(body=body, price=price) for price in prices), default=0)
+    period = spend_period(period=identity.spend_limit_period, at=at)
+    reservation = Reservation(
+        reservation_id="rsv_" + secrets.token_hex(12),
+        account_id=identity.account_id,
+        key_id=identity.key_id,
+        hold_nanousd=hold,
+        spend_limit_period=period.kind,
+    )
+    store = limits_store()
+    try:
+        outcome, balance = _admit(store, reservation, identity=identity, period=period, at=at)
+    except redis.RedisError as error:
+        logger.error(
+            "Limits store unreachable for key %s: %s", identity.key_id, type(error).__name__
+        )
+        raise GatewayError(
+            503,
+            "The gateway cannot check this key's limits right now; retry shortly.",
+            openai_type="api_error",
+            code="limits_unavailable",
+        ) from error
+    if outcome.status == OVER_REQUESTS:
+        logger.info("Access key %s is over its requests per minute", identity.key_id)
+        seconds = ceil_seconds(outcome.retry_after_ms)
+        raise GatewayError(
+            429,
+            f"This access key allows {identity.requests_per_minute} requests per minute; "
+            f"retry in {seconds} s.",
+            openai_type="requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after": str(seconds)},
+        )
+    if outcome.status == OVER_SPEND:
+        logger.info("Access key %s is over its spend limit", identity.key_id)
+        raise _spend_limit_error(identity, outcome, hold=hold, period=period, at=at)
+    if outcome.status == OVER_BALANCE:
+        logger.info("Account %s has no credit left after holds", identity.account_id)
+        raise _balance_error(outcome, hold=hold, balance=balance)
+    return reservation
+
+
+def _admit(
+    store: RedisLimits | LocalLimits,
+    reservation: Reservation,
+    *,
+    identity: KeyIdentity,
+    period: SpendPeriod,
+    at: datetime,
+) -> tuple[Outcome, int]:
+    """Run the admission step, rebuilding a missing spend counter on the way.
+
+    The settle count is read before the balance: when a settlement lands in between,
+    the cached balance may predate its charge while its hold is already gone, so the
+    step is retried (at most STALE_RETRIES times, then run unchecked).
+    """
+    stale = 0
+    for _ in range(ADMIT_ROUNDS):
+        expected = None
+        if stale < STALE_RETRIES:
+            expected = store.settle_count(account_id=reservation.account_id)
+        balance = account_balance_cached(account_id=reservation.account_id)
+        args = AdmitArgs(
+            reservation_id=reservation.reservation_id,
+            account_id=reservation.account_id,
+            key_id=reservation.key_id,
+            now_ms=epoch_ms(at),
+            hold_nanousd=min(reservation.hold_nanousd, EXACT_LIMIT),
+            balance_nanousd=min(max(balance, 0), EXACT_LIMIT),
+            expected_settles=expected,
+            spend_limit_nanousd=identity.spend_limit_nanousd,
+            spend_slug=period.slug,
+            requests_per_minute=identity.requests_per_minute,
+            hold_ttl_ms=settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000,
+        )
+        outcome = store.admit(args)
+        if outcome.status == STALE:
+            stale += 1
+        elif outcome.status == REBUILD:
+            spent = key_spend_recorded(
+                account_id=reservation.account_id, key_id=reservation.key_id, period=period
+            )
+            seeded = store.spend_seed(
+                account_id=reservation.account_id,
+                key_id=reservation.key_id,
+                spend_slug=period.slug,
+                spent_nanousd=spent,
+                ttl_ms=spend_counter_ttl_ms(period, at=at),
+                expected_settles=expected,
+            )
+            stale += 0 if seeded else 1
+        else:
+            return outcome, balance
+    raise redis.RedisError("the admission step did not settle")
+
+
+def _spend_limit_error(
+    identity: KeyIdentity, outcome: Outcome, *, hold: int, period: SpendPeriod, at: datetime
+) -> GatewayError:
+    limit = identity.spend_limit_nanousd or 0
+    parts = [f"USD {format_usd_short(outcome.spent_nanousd)} spent"]
+    if outcome.key_held_nanousd:
+        parts.append(
+            f"USD {format_usd_short(outcome.key_held_nanousd)} held for requests in flight"
+        )
+    message = (
+        f"This access key has reached its {PERIOD_NAMES[period.kind]} spend limit of "
+        f"USD {format_usd_short(limit)}: {', '.join(parts)}"
+    )
+    if hold:
+        message += f", and this request may cost up to USD {format_usd_short(hold)}"
+    headers = {}
+    if period.end is None:
+        message += ". The limit does not reset."
+    else:
+        message += f". It resets at {period.end:%Y-%m-%dT%H:%M:%SZ}."
+        # Waiting helps for sure only when settled spend alone blocks the request;
+        # holds in flight settle within seconds.
+        if outcome.spent_nanousd >= limit or outcome.spent_nanousd + hold > limit:
+            headers["retry-after"] = str(ceil_seconds(epoch_ms(period.end) - epoch_ms(at)))
+    return GatewayError(
+        429,
+        message,
+        openai_type="insufficient_quota",
+        code="spend_limit_exceeded",
+        headers=headers,
+    )
+
+
+def _balance_error(outcome: Outcome, *, hold: int, balance: int) -> GatewayError:
+    message = (
+        f"Out of credit: the balance is USD {format_usd_short(balance)}, of which "
+        f"USD {format_usd_short(outcome.account_held_nanousd)} is held for requests in flight"
+    )
+    if hold:
+        message += (
+            f", and this request may cost up to USD {format_usd_short(hold)} "
+            "(its input estimate and max_tokens at the model's prices); lower max_tokens"
+        )
+    else:
+        message += "; retry when they finish"
+    message += (
+        f" or buy credits at {settings.PUBLIC_URL}/credits/ or with "
+        "POST /api/credits/checkout-session."
+    )
+    return GatewayError(402, message, openai_type="insufficient_quota", code="insufficient_quota")
+
+
+def reservation_settle(
+    *, reservation: Reservation, cost_nanousd: int, at: datetime, release: bool = True
+) -> None:
+    """Count a metered attempt's cost against the key and, with `release`, drop the hold.
+
+    Call it after the attempt's usage record is committed: a spend counter rebuilt in
+    between then already includes the cost. `at` is the usage record's `created_at`,
+    which decides the period. A store that cannot be reached is logged and skipped: the
+    hold lapses on its own and a missing counter is rebuilt.
+    """
+    period = spend_period(period=reservation.spend_limit_period, at=at)
+    try:
+        limits_store().settle(
+            reservation=reservation,
+            spend_slug=period.slug,
+            cost_nanousd=cost_nanousd,
+            release=release,
+        )
+    except redis.RedisError as error:
+        logger.warning(
+            "Settling reservation %s failed: %s", reservation.reservation_id, type(error).__name__
+        )
+
+
+def reservation_release(*, reservation: Reservation) -> None:
+    """Drop a hold without counting anything, for a request that was never metered."""
+    reservation_settle(reservation=reservation, cost_nanousd=0, at=timezone.now())
+
+
+def usage_settle(
+    *, attempt: Attempt, reservation: Reservation | None, final: bool
+) -> UsageRecord:
+    """Record and charge an attempt, then settle the request's reservation.
+
+    The attempt's cost counts against the key; the hold is dropped with the `final`
+    attempt, so a fallback attempt still runs under it. When recording fails the hold is
+    dropped at once rather than left to lapse.
+    """
+    try:
+        record = usage_record(attempt=attempt)
+    except Exception:
+        if reservation is not None:
+            reservation_release(reservation=reservation)
+        raise
+    if reservation is not None and (final or record.cost_nanousd):
+        reservation_settle(
+            reservation=reservation,
+            cost_nanousd=record.cost_nanousd,
+            at=record.created_at,
+            release=final,
+        )
+    return record
+
+
+def key_spend(*, identity: KeyIdentity, at: datetime | None = None) -> int:
+    """Return the key's settled spend in its current period, rebuilding the counter if needed."""
+    at = at or timezone.now()
+    period = spend_period(period=identity.spend_limit_period, at=at)
+    store = limits_store()
+    counted = store.spend_counted(
+        account_id=identity.account_id, key_id=identity.key_id, spend_slug=period.slug
+    )
+    if counted is not None:
+        return counted
+    return key_spend_recorded(
+        account_id=identity.account_id, key_id=identity.key_id, period=period
+    )
+
+
+def held_nanousd(*, account_id: int, key_id: int | None = None, at: datetime | None = None) -> int:
+    """Return what live reservations hold on an account, or on one key of it."""
+    at = at or timezone.now()
+    return limits_store().held(account_id=account_id, key_id=key_id, now_ms=epoch_ms(at))
