@@ -27,16 +27,23 @@ Spec, one JSON object on stdin:
     sequential: requests, warmup (per target), round (requests to one target before
                 moving to the next, so drifting background load hits all targets alike)
     rate:       rate (requests per second), duration and warmup (seconds; requests
-                scheduled in the warm-up are sent but not reported), max_connections
+                scheduled in the warm-up are sent but not reported), max_connections,
+                late_ms and late_share (optional: stop as soon as more than late_share
+                of the planned requests are later than late_ms, counted from their due
+                time, since the percentile 1 - late_share is then above late_ms)
 
 Output, one JSON object on stdout; all times in milliseconds:
 
     sequential: {"targets": {name: {"latency_ms": [...], "ttft_ms": [...], "completed",
-                 "errors", "error_samples"}}}
+                 "ok_total", "errors", "error_samples"}}}
     rate:       {"latency_ms": [...] (from the send), "latency_sched_ms": [...] (from
                  the scheduled start, so waiting for a free connection counts),
-                 "offered", "completed", "errors", "error_samples", "lag_ms_p99",
-                 "lag_ms_max", "connections"}
+                 "planned", "offered", "completed", "ok_total", "errors",
+                 "error_samples", "stopped_early", "abandoned" (requests cancelled by the
+                 early stop), "lag_ms_p99", "lag_ms_max", "connections"}
+
+"completed" counts the reported (measured) requests that succeeded; "ok_total" also
+counts successful warm-up requests, so it equals the requests the target served.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import sys
 from collections import deque
 from time import perf_counter
@@ -265,7 +273,13 @@ async def run_sequential(spec: dict[str, Any]) -> dict[str, Any]:
     payloads = {t["name"]: build_request(t, spec["body"]) for t in targets}
     connections: dict[str, Connection | None] = {t["name"]: None for t in targets}
     results = {
-        t["name"]: {"latency_ms": [], "ttft_ms": [], "errors": ErrorLog(), "completed": 0}
+        t["name"]: {
+            "latency_ms": [],
+            "ttft_ms": [],
+            "errors": ErrorLog(),
+            "completed": 0,
+            "ok_total": 0,
+        }
         for t in targets
     }
 
@@ -291,6 +305,7 @@ async def run_sequential(spec: dict[str, Any]) -> dict[str, Any]:
         if stream and not exchange.first_token:
             result["errors"].add(ResponseError("no content chunk was seen"))
             return
+        result["ok_total"] += 1
         if record:
             result["completed"] += 1
             result["latency_ms"].append(ms(exchange.done - exchange.sent))
@@ -319,6 +334,7 @@ async def run_sequential(spec: dict[str, Any]) -> dict[str, Any]:
                 "latency_ms": result["latency_ms"],
                 "ttft_ms": result["ttft_ms"],
                 "completed": result["completed"],
+                "ok_total": result["ok_total"],
                 "errors": result["errors"].count,
                 "error_samples": result["errors"].samples,
             }
@@ -400,9 +416,15 @@ async def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
     rate = float(spec["rate"])
     warmup = float(spec.get("warmup", 0.0))
     total = int(round(rate * (warmup + float(spec["duration"]))))
+    planned = int(round(rate * float(spec["duration"])))
     payload = build_request(target, spec["body"])
     pool = Pool(target["host"], target["port"], int(spec.get("max_connections", 256)))
     await pool.open(PREFILL_CONNECTIONS)
+    # Once more than `late_share` of the planned requests took (or have been waiting)
+    # longer than `late_ms` from their due time, that percentile is already lost: the run
+    # stops instead of piling more load on a server that cannot keep up.
+    late_seconds = float(spec["late_ms"]) / 1000 if spec.get("late_ms") else None
+    late_limit = math.ceil(float(spec.get("late_share", 0.01)) * planned) + 1
 
     interval = 1.0 / rate
     start = perf_counter() + 0.05
@@ -411,7 +433,7 @@ async def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
     latency_sched: list[float] = []
     lags: list[float] = []
     errors = ErrorLog()
-    counts = {"offered": 0, "completed": 0}
+    counts = {"offered": 0, "completed": 0, "ok_total": 0, "late": 0}
 
     async def one(due: float) -> None:
         measured = due >= measured_from
@@ -434,27 +456,56 @@ async def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
             if connection is not None:
                 pool.release(connection, reusable=False)
             raise
+        counts["ok_total"] += 1
         if measured:
             counts["completed"] += 1
             latency.append(ms(exchange.done - exchange.sent))
             latency_sched.append(ms(exchange.done - due))
             lags.append(exchange.sent - due)
+            if late_seconds is not None and exchange.done - due > late_seconds:
+                counts["late"] += 1
+
+    def too_late(now: float) -> bool:
+        """Tell whether the late requests, done or still waiting, exceed the limit."""
+        while outstanding and outstanding[0][1].done():
+            outstanding.popleft()
+        waiting = 0
+        for due, task in outstanding:
+            if due >= now - late_seconds:
+                break
+            if due >= measured_from and not task.done():
+                waiting += 1
+        return counts["late"] + waiting > late_limit
 
     loop = asyncio.get_running_loop()
-    tasks = []
+    tasks: list[asyncio.Task] = []
+    outstanding: deque[tuple[float, asyncio.Task]] = deque()
+    stopped_early = False
+    last_check = start
     for index in range(total):
         due = start + index * interval
-        delay = due - perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(loop.create_task(one(due)))
-    timeout = float(spec.get("timeout", 10.0))
-    _, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+        now = perf_counter()
+        if late_seconds is not None and now - last_check > 0.02:
+            last_check = now
+            if too_late(now):
+                stopped_early = True
+                break
+        if due > now:
+            await asyncio.sleep(due - now)
+        task = loop.create_task(one(due))
+        tasks.append(task)
+        outstanding.append((due, task))
+    pending: set[asyncio.Task] = set()
+    if tasks and not stopped_early:
+        _, pending = await asyncio.wait(tasks, timeout=float(spec.get("timeout", 10.0)))
+    elif stopped_early:
+        pending = {task for task in tasks if not task.done()}
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
-        errors.count += sum(1 for _ in pending)
+    if pending and not stopped_early:
+        errors.count += len(pending)
         errors.samples.append(f"{len(pending)} requests had no response after the run")
     pool.close()
 
@@ -462,10 +513,14 @@ async def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "latency_ms": latency,
         "latency_sched_ms": latency_sched,
+        "planned": planned,
         "offered": counts["offered"],
         "completed": counts["completed"],
+        "ok_total": counts["ok_total"],
         "errors": errors.count,
         "error_samples": errors.samples[:MAX_ERROR_SAMPLES],
+        "stopped_early": stopped_early,
+        "abandoned": len(pending) if stopped_early else 0,
         "lag_ms_p99": ms(lags[int(0.99 * (len(lags) - 1))]) if lags else None,
         "lag_ms_max": ms(lags[-1]) if lags else None,
         "connections": pool.peak,

@@ -1,9 +1,127 @@
-"""Support staff's view of lots and the ledger; the ledger is append-only, so read-only here."""
+"""Support staff's view of lots and the ledger; the ledger is append-only, so read-only here.
 
-from django.contrib import admin
+Staff change credits only through audited acts: actions that ask for a reason on an
+intermediate page and call the services in credits/services/staff.py.
+"""
 
-from credits.models import CheckoutPurchase, CreditLot, LedgerEntry, LedgerTransaction
+import json
+import uuid
+from collections.abc import Callable
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.template.response import TemplateResponse
+from django.utils.html import format_html
+
+from credits.models import (
+    AuditRecord,
+    CheckoutPurchase,
+    CreditLot,
+    LedgerEntry,
+    LedgerTransaction,
+)
 from credits.money import format_usd
+from credits.services import (
+    CreditsError,
+    credit_lot_expiry_extend,
+    credit_lot_void,
+    usd_amount_parse,
+)
+
+SUPPORT_ACT_PERMISSION = "credits.support_act"
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(
+        max_length=AuditRecord._meta.get_field("reason").max_length,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why; kept in the audit record.",
+    )
+
+
+class GrantForm(ReasonForm):
+    amount = forms.CharField(
+        label="Amount (USD)", max_length=24, help_text='Such as "10.00"; up to nine places.'
+    )
+    expires_at = forms.DateTimeField(
+        required=False,
+        help_text=f"YYYY-MM-DD HH:MM in {settings.TIME_ZONE}; one year from now if empty.",
+    )
+    # Makes a second submission of the same page a no-op instead of a second grant.
+    token = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+    field_order = ["amount", "expires_at", "reason"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["token"].initial = uuid.uuid4().hex
+
+    def clean_amount(self) -> int:
+        try:
+            return usd_amount_parse(self.cleaned_data["amount"])
+        except CreditsError as error:
+            raise forms.ValidationError(str(error)) from error
+
+
+class ExtendExpiryForm(ReasonForm):
+    expires_at = forms.DateTimeField(
+        label="New expiry", help_text=f"YYYY-MM-DD HH:MM in {settings.TIME_ZONE}."
+    )
+
+    field_order = ["expires_at", "reason"]
+
+
+def staff_action_page(
+    modeladmin: admin.ModelAdmin,
+    request,
+    queryset,
+    *,
+    form_class: type[forms.Form],
+    action: str,
+    title: str,
+    intro: str,
+    act: Callable[[object, dict], str],
+) -> TemplateResponse | None:
+    """Run an admin action that needs a form: show the form, then act on each object.
+
+    `act(obj, cleaned_data)` calls one service and returns the message to show; a
+    CreditsError becomes an error message for that object and changes nothing for it.
+    Returns None when done, so the admin goes back to the list.
+    """
+    if request.POST.get("apply") == "yes":
+        form = form_class(request.POST)
+        if form.is_valid():
+            for obj in queryset:
+                try:
+                    message = act(obj, form.cleaned_data)
+                except CreditsError as error:
+                    modeladmin.message_user(request, f"{obj}: {error}", messages.ERROR)
+                else:
+                    modeladmin.message_user(request, message, messages.SUCCESS)
+            return None
+    else:
+        form = form_class()
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title,
+        "intro": intro,
+        "submit_label": title,
+        "form": form,
+        "queryset": queryset,
+        "action": action,
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        "opts": modeladmin.model._meta,
+    }
+    return TemplateResponse(request, "admin/credits/staff_action.html", context)
+
+
+class SupportActMixin:
+    """Actions marked `permissions=["support_act"]` need the support-act permission."""
+
+    def has_support_act_permission(self, request) -> bool:
+        return request.user.has_perm(SUPPORT_ACT_PERMISSION)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -29,7 +147,7 @@ class LedgerEntryInline(admin.TabularInline):
 
 
 @admin.register(CreditLot)
-class CreditLotAdmin(ReadOnlyAdmin):
+class CreditLotAdmin(SupportActMixin, ReadOnlyAdmin):
     list_display = [
         "id",
         "account",
@@ -40,7 +158,9 @@ class CreditLotAdmin(ReadOnlyAdmin):
         "created_at",
         "expires_at",
         "expired_at",
+        "expiry_reminder_sent_at",
     ]
+    actions = ["extend_expiry", "void"]
     list_filter = ["source", "status"]
     search_fields = ["account__slug", "account__name", "stripe_checkout_session_id"]
     date_hierarchy = "created_at"
@@ -53,6 +173,45 @@ class CreditLotAdmin(ReadOnlyAdmin):
     @admin.display(description="Remaining (USD)", ordering="remaining_nanousd")
     def remaining(self, lot: CreditLot) -> str:
         return format_usd(lot.remaining_nanousd)
+
+    @admin.action(description="Extend the expiry of selected lots", permissions=["support_act"])
+    def extend_expiry(self, request, queryset):
+        def act(lot: CreditLot, data: dict) -> str:
+            credit_lot_expiry_extend(
+                lot_id=lot.pk,
+                expires_at=data["expires_at"],
+                reason=data["reason"],
+                actor=request.user,
+            )
+            return f"Lot {lot.pk} now expires at {data['expires_at']:%Y-%m-%d %H:%M %Z}."
+
+        return staff_action_page(
+            self,
+            request,
+            queryset,
+            form_class=ExtendExpiryForm,
+            action="extend_expiry",
+            title="Extend the expiry",
+            intro="Move the expiry of these lots later. The ledger does not change.",
+            act=act,
+        )
+
+    @admin.action(description="Void selected lots", permissions=["support_act"])
+    def void(self, request, queryset):
+        def act(lot: CreditLot, data: dict) -> str:
+            voided = credit_lot_void(lot_id=lot.pk, reason=data["reason"], actor=request.user)
+            return f"Voided lot {lot.pk}: {format_usd(-voided.amount_nanousd)} USD removed."
+
+        return staff_action_page(
+            self,
+            request,
+            queryset,
+            form_class=ReasonForm,
+            action="void",
+            title="Void lots",
+            intro="Remove what is left of these lots from the balance. This cannot be undone.",
+            act=act,
+        )
 
 
 @admin.register(LedgerTransaction)
@@ -86,3 +245,33 @@ class CheckoutPurchaseAdmin(ReadOnlyAdmin):
     list_filter = ["status"]
     search_fields = ["stripe_session_id", "account__slug"]
     list_select_related = ["account"]
+
+
+@admin.register(AuditRecord)
+class AuditRecordAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "action", "account", "actor_email", "lot", "reason"]
+    list_filter = ["action"]
+    search_fields = ["account__slug", "account__name", "actor_email", "reason"]
+    date_hierarchy = "created_at"
+    list_select_related = ["account", "lot__account"]
+    fields = [
+        "created_at",
+        "action",
+        "account",
+        "actor",
+        "actor_email",
+        "reason",
+        "lot",
+        "ledger_transaction",
+        "before_state",
+        "after_state",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="Before")
+    def before_state(self, record: AuditRecord) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(record.before, indent=2, sort_keys=True))
+
+    @admin.display(description="After")
+    def after_state(self, record: AuditRecord) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(record.after, indent=2, sort_keys=True))

@@ -315,6 +315,9 @@ class AuditRecord(models.Model):
             ),
         ]
         indexes = [models.Index(fields=["account", "-created_at"])]
+        permissions = [
+            ("support_act", "Can grant credits, extend or void lots and freeze accounts"),
+        ]
 
     def __str__(self) -> str:
         when = f"{self.created_at:%Y-%m-%d %H:%M}"

@@ -3,21 +3,55 @@
 import logging
 
 import stripe
+from django import forms
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
 from django.utils.dateparse import parse_datetime
 from django.views import View
 
 from accounts.mixins import AccountRequiredMixin, account_objects
-from credits.api import balance_payload
+from accounts.models import Membership
+from credits.api import balance_payload, ledger_rows, ledger_rows_complete
 from credits.forms import BuyCreditsForm
 from credits.models import CheckoutPurchase, CreditLot, LedgerTransaction
 from credits.money import format_usd, format_usd_short
-from credits.services import CreditsError, checkout_session_create, checkout_session_fulfil
+from credits.services import (
+    CreditsError,
+    account_low_balance_threshold_set,
+    checkout_session_create,
+    checkout_session_fulfil,
+    usd_amount_parse,
+)
 
 logger = logging.getLogger(__name__)
 
 RECENT_TRANSACTIONS = 50
+# Members see the low-balance alert setting; owners and admins change it.
+ALERT_SETTING_ROLES = (Membership.Role.OWNER, Membership.Role.ADMIN)
+
+
+class LowBalanceAlertForm(forms.Form):
+    threshold = forms.CharField(
+        label="Email me when the balance drops below (USD)",
+        required=False,
+        max_length=24,
+        help_text="Such as 5.00. Owners and admins get one email each time the balance "
+        "drops below it. Leave empty to turn the alert off.",
+        widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
+    )
+
+    def clean_threshold(self) -> int | None:
+        """Convert the typed dollars to nano-dollars; empty means no alert."""
+        text = self.cleaned_data["threshold"].strip()
+        if not text:
+            return None
+        try:
+            return usd_amount_parse(text)
+        except CreditsError as error:
+            raise forms.ValidationError(str(error), code="invalid") from error
 
 
 def usd_short(nanousd: int) -> str:
@@ -61,28 +95,58 @@ def balance_context(*, account) -> dict:
     }
 
 
-def transaction_rows(transactions) -> list[dict]:
-    return [
-        {
-            "created_at": entry.created_at,
-            "kind": entry.get_kind_display(),
-            "description": entry.description,
-            "amount": usd_short(entry.amount_nanousd),
-            "amount_nanousd": entry.amount_nanousd,
-            "balance_after": usd_short(entry.balance_after_nanousd),
-        }
-        for entry in transactions
-    ]
+def transaction_rows(rows: list[dict]) -> list[dict]:
+    """Format rows of the credit history (as the API returns them) for the credits page."""
+    kinds = dict(LedgerTransaction.Kind.choices)
+    formatted = []
+    for row in rows:
+        is_usage_day = row["kind"] == LedgerTransaction.Kind.USAGE
+        count = row["request_count"]
+        formatted.append(
+            {
+                "created_at": row["created_at"],
+                "date": row["date"],
+                "is_usage_day": is_usage_day,
+                "kind": kinds.get(row["kind"], row["kind"]),
+                "description": (
+                    f"{count} request{'' if count == 1 else 's'}"
+                    if is_usage_day
+                    else row["description"]
+                ),
+                "amount": usd_short(row["amount_nanousd"]),
+                "amount_exact": usd_exact(row["amount_nanousd"]),
+                "amount_nanousd": row["amount_nanousd"],
+                "balance_after": usd_short(row["balance_after_nanousd"]),
+            }
+        )
+    return formatted
 
 
-def _credits_page(request, form: BuyCreditsForm, *, status: int = 200):
-    transactions = account_objects(LedgerTransaction, request.account).order_by(
-        "-created_at", "-id"
-    )[:RECENT_TRANSACTIONS]
+def _can_set_alert(request) -> bool:
+    return Membership.objects.filter(
+        account=request.account, user=request.user, role__in=ALERT_SETTING_ROLES
+    ).exists()
+
+
+def _credits_page(
+    request,
+    form: BuyCreditsForm,
+    *,
+    alert_form: LowBalanceAlertForm | None = None,
+    status: int = 200,
+):
+    rows = ledger_rows_complete(ledger_rows(account=request.account)[:RECENT_TRANSACTIONS])
+    threshold = request.account.low_balance_threshold_nanousd
+    if alert_form is None:
+        initial = format_usd_short(threshold) if threshold is not None else ""
+        alert_form = LowBalanceAlertForm(initial={"threshold": initial})
     context = {
         **balance_context(account=request.account),
-        "transactions": transaction_rows(transactions),
+        "transactions": transaction_rows(rows),
         "form": form,
+        "alert_form": alert_form,
+        "can_set_alert": _can_set_alert(request),
+        "alert_threshold": usd_short(threshold) if threshold is not None else None,
     }
     return render(request, "credits/credits.html", context, status=status)
 
@@ -90,6 +154,30 @@ def _credits_page(request, form: BuyCreditsForm, *, status: int = 200):
 class CreditsView(AccountRequiredMixin, View):
     def get(self, request):
         return _credits_page(request, BuyCreditsForm())
+
+    def post(self, request):
+        """Set the low-balance alert threshold; only owners and admins may."""
+        if not _can_set_alert(request):
+            raise PermissionDenied("Only owners and admins can change the low-balance alert.")
+        alert_form = LowBalanceAlertForm(request.POST)
+        if not alert_form.is_valid():
+            return _credits_page(request, BuyCreditsForm(), alert_form=alert_form)
+        threshold = alert_form.cleaned_data["threshold"]
+        try:
+            account_low_balance_threshold_set(account=request.account, threshold_nanousd=threshold)
+        except CreditsError as error:
+            alert_form.add_error("threshold", str(error))
+            return _credits_page(request, BuyCreditsForm(), alert_form=alert_form)
+        if threshold is None:
+            messages.success(request, "The low-balance alert is off.")
+        else:
+            below = usd_short(threshold)
+            messages.success(
+                request, f"Owners and admins get an email when the balance drops below {below}."
+            )
+        response = HttpResponseRedirect(reverse("credits"))
+        response.status_code = 303
+        return response
 
 
 class CheckoutView(AccountRequiredMixin, View):

@@ -8,12 +8,13 @@ Before a request is forwarded, one atomic step checks, in this order:
 3. the account's credit: the cached balance minus the reservations the account holds.
 
 A request that states `max_tokens` (or `max_completion_tokens`) reserves its worst-case
-cost on the account and, when the key has a spend limit, on the key; it is admitted only
-when that reservation fits. A request without one is admitted while some room is left and
-holds nothing. Once the response is metered, `reservation_settle` drops the hold and counts
-the real cost. Holds also lapse on their own after GATEWAY_RESERVATION_TTL_SECONDS, so a
-process that dies mid-request cannot leak them. Concurrent requests therefore overshoot a
-balance or a spend limit by at most the unreserved requests in flight.
+cost on the account, and on the key when the key has a spend limit. It is admitted only
+when that reservation fits. A request without an output limit reserves nothing and is
+admitted while some room is left. Once the response is metered, `reservation_settle`
+drops the reservation and counts the real cost. Reservations also lapse on their own after
+GATEWAY_RESERVATION_TTL_SECONDS, so a process that dies mid-request cannot leak them.
+Concurrent requests therefore overshoot a balance or a spend limit by at most the cost of
+the unreserved requests in flight.
 
 With Redis (`REDIS_URL` set) the state lives in the cache's Redis database and each step
 is one Lua script, so every process sees every other's requests. Without Redis (the
@@ -43,7 +44,7 @@ from credits.services import account_balance_cached
 from gateway.errors import GatewayError
 from gateway.models import AccessKey, UsageRecord
 from gateway.pricing import Price, TokenUsage, request_cost
-from gateway.services import Attempt, KeyIdentity, usage_record
+from gateway.services import KeyIdentity
 from gateway.usage import estimate_tokens, request_text
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ REQUEST_WINDOW_MS = 60_000
 # code or other languages, and messages carry framing tokens of their own.
 INPUT_ESTIMATE_FACTOR = 2
 INPUT_ESTIMATE_MARGIN_TOKENS = 256
-# Counters of a spend limit that never resets expire after a week idle and are rebuilt.
+# Counters of a spend limit that never resets expire a week after they were built and are
+# then rebuilt, so counters of keys no longer in use do not stay in Redis.
 LIFETIME_COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
 # Counters of a calendar period outlive the period by a day, for late settlements.
 PERIOD_COUNTER_GRACE_MS = 24 * 3600 * 1000
@@ -63,6 +65,7 @@ SETTLE_COUNT_TTL_MS = 24 * 3600 * 1000
 # Retries when a settlement lands between reading the balance and the admission step.
 STALE_RETRIES = 3
 ADMIT_ROUNDS = 8
+REDIS_TIMEOUT_SECONDS = 5
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PERIOD_NAMES = {
@@ -79,6 +82,7 @@ def epoch_ms(at: datetime) -> int:
 
 
 def ceil_seconds(milliseconds: int) -> int:
+    """Round a wait up to whole seconds, at least one, as `retry-after` states it."""
     return max(1, -(-milliseconds // 1000))
 
 
@@ -134,9 +138,12 @@ def _positive_int(value: object) -> int | None:
 def worst_case_cost(*, body: dict, price: Price | None) -> int:
     """Return the most a request can cost on one route, or 0 when it states no output limit.
 
-    Input is the text estimate doubled plus a margin, priced at the dearest input rate
-    (cache writes cost more than plain input); output is the limit times `n` choices.
-    Images and tool definitions are not in the estimate.
+    Input is the text estimate doubled plus a margin, priced at the dearest input rate,
+    because cache writes cost more than plain input. Output is the limit times `n`
+    choices.
+
+    NOTE: images and tool definitions are not in the input estimate, so a request that
+    sends many of them can cost more than its reservation.
     """
     limits = [_positive_int(body.get(name)) for name in ("max_tokens", "max_completion_tokens")]
     output_limit = max((limit for limit in limits if limit is not None), default=None)
@@ -160,7 +167,7 @@ def worst_case_cost(*, body: dict, price: Price | None) -> int:
 
 @dataclass(frozen=True)
 class Reservation:
-    """What an admitted request holds until it is settled."""
+    """The worst-case cost an admitted request reserves until it is settled."""
 
     reservation_id: str
     account_id: int
@@ -316,7 +323,10 @@ class RedisLimits:
     """Limits state in Redis; every check-and-hold is one Lua script."""
 
     def __init__(self, url: str, prefix: str) -> None:
-        self.client = redis.Redis.from_url(url)
+        # Bounded waits: a Redis that hangs turns into a 503, not a request that never ends.
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
+        )
         self.prefix = prefix
         self._admit = self.client.register_script(ADMIT_SCRIPT)
         self._settle = self.client.register_script(SETTLE_SCRIPT)
@@ -600,7 +610,8 @@ def reservation_hold(
         seconds = ceil_seconds(outcome.retry_after_ms)
         raise GatewayError(
             429,
-            f"This access key allows {identity.requests_per_minute} requests per minute; "
+            f"This access key allows {identity.requests_per_minute} "
+            f"request{'' if identity.requests_per_minute == 1 else 's'} per minute; "
             f"retry in {seconds} s.",
             openai_type="requests",
             code="rate_limit_exceeded",
@@ -703,10 +714,10 @@ def _spend_limit_error(
 
 
 def _balance_error(outcome: Outcome, *, hold: int, balance: int) -> GatewayError:
-    message = (
-        f"Out of credit: the balance is USD {format_usd_short(balance)}, of which "
-        f"USD {format_usd_short(outcome.account_held_nanousd)} is held for requests in flight"
-    )
+    held = outcome.account_held_nanousd
+    message = f"Not enough credit: the balance is USD {format_usd_short(balance)}"
+    if held:
+        message += f", of which USD {format_usd_short(held)} is held for requests in flight"
     if hold:
         message += (
             f", and this request may cost up to USD {format_usd_short(hold)} "
@@ -748,31 +759,6 @@ def reservation_settle(
 def reservation_release(*, reservation: Reservation) -> None:
     """Drop a hold without counting anything, for a request that was never metered."""
     reservation_settle(reservation=reservation, cost_nanousd=0, at=timezone.now())
-
-
-def usage_settle(
-    *, attempt: Attempt, reservation: Reservation | None, final: bool
-) -> UsageRecord:
-    """Record and charge an attempt, then settle the request's reservation.
-
-    The attempt's cost counts against the key; the hold is dropped with the `final`
-    attempt, so a fallback attempt still runs under it. When recording fails the hold is
-    dropped at once rather than left to lapse.
-    """
-    try:
-        record = usage_record(attempt=attempt)
-    except Exception:
-        if reservation is not None:
-            reservation_release(reservation=reservation)
-        raise
-    if reservation is not None and (final or record.cost_nanousd):
-        reservation_settle(
-            reservation=reservation,
-            cost_nanousd=record.cost_nanousd,
-            at=record.created_at,
-            release=final,
-        )
-    return record
 
 
 def key_spend(*, identity: KeyIdentity, at: datetime | None = None) -> int:

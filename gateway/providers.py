@@ -4,9 +4,9 @@ Keys are encrypted at rest (gateway/crypto.py) and write-only: after they are st
 only their last four characters and when they were set are shown.
 
 The gateway reads an account's configuration through `account_provider_config`. It keeps
-the configuration, decrypted keys included, in this process's memory only (never in the
-shared cache) for `GATEWAY_AUTH_CACHE_SECONDS`, and checks a version token in the shared
-cache on every read, so a change made through any process is seen by all of them at once.
+the configuration, decrypted keys included, in this process's memory only, never in the
+shared cache, for up to `GATEWAY_AUTH_CACHE_SECONDS`. Every read compares a version token
+in the shared cache, so a change made through any process reaches all of them at once.
 """
 
 import ipaddress
@@ -321,6 +321,7 @@ def custom_provider_create(
     base_url = upstream_url_check(base_url)
     if _name_taken(account_id=account.pk, name=name):
         raise _name_taken_error(name)
+
     now = timezone.now()
     try:
         with transaction.atomic():
@@ -340,6 +341,7 @@ def custom_provider_create(
     except IntegrityError as error:
         # A concurrent request took the name between the check and the insert.
         raise _name_taken_error(name) from error
+
     provider_config_evict_on_commit(account_id=account.pk)
     logger.info("Created custom provider %s for account %s", provider.pk, account.pk)
     return provider
@@ -436,7 +438,7 @@ def provider_secrets_reencrypt() -> int:
 
 @dataclass(frozen=True)
 class CustomProviderConfig:
-    """A custom provider as the router sees it, with its key decrypted."""
+    """A custom provider in the form the router uses, with its key decrypted."""
 
     provider_id: int
     name: str

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import httpx
 from django.conf import settings
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -32,11 +31,12 @@ from gateway.errors import (
     missing_key,
     set_request_id,
 )
-from gateway.limits import usage_settle
+from gateway.metering import metering_queue
 from gateway.models import UsageRecord
 from gateway.pricing import TokenUsage
 from gateway.routing import Admission, Route, models_for_key, request_admit
 from gateway.services import Attempt
+from gateway.upstream import UpstreamError, UpstreamResponse, upstream_send
 from gateway.usage import (
     StreamMeter,
     anthropic_usage,
@@ -54,12 +54,11 @@ ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
 ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 SSE_SEPARATORS = (b"\r\n\r\n", b"\n\n")
 
-_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
 # Metering tasks that run after the response; kept so they are not collected early.
 _background_tasks: set[asyncio.Task] = set()
-# Separate pools, so a backlog of metering writes cannot delay admission of new requests.
+# Admission has its own pool (metering has one in gateway.metering), so a backlog of
+# metering writes cannot delay new requests.
 ADMISSION_EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-admit")
-METERING_EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-meter")
 
 
 async def run_in(executor: ThreadPoolExecutor, function: Callable[..., T], **kwargs) -> T:
@@ -84,24 +83,6 @@ async def background_tasks_drain() -> None:
     """Wait for metering still running after responses, before the server stops."""
     while _background_tasks:
         await asyncio.gather(*list(_background_tasks), return_exceptions=True)
-
-
-def upstream_client() -> httpx.AsyncClient:
-    """Return the pooled client of the running event loop."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None or client.is_closed:
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS,
-                connect=settings.GATEWAY_CONNECT_TIMEOUT_SECONDS,
-            ),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        )
-        _clients[loop] = client
-        for stale in [other for other in _clients if other.is_closed()]:
-            _clients.pop(stale, None)
-    return client
 
 
 def new_request_id() -> str:
@@ -177,13 +158,7 @@ async def _meter(
         price=route.price,
     )
     # Settling counts the cost against the key's limits and drops the request's hold.
-    await run_in(
-        METERING_EXECUTOR,
-        usage_settle,
-        attempt=record,
-        reservation=admission.reservation,
-        final=final,
-    )
+    await metering_queue().submit(attempt=record, reservation=admission.reservation, final=final)
 
 
 # Upstream answers after which the next model of a `models` fallback chain is tried.
@@ -209,7 +184,6 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
         return error_response(error, surface=surface, request_id=request_id)
 
     # 2. Try each route of the fallback chain until one answers without a retryable error.
-    client = upstream_client()
     streamed = bool(body.get("stream"))
     routes = admission.routes
     for index, route in enumerate(routes, start=1):
@@ -226,19 +200,18 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
         url, headers, upstream_body = upstream_request_parts(
             route=route, body=body, request=request
         )
-        upstream_request = client.build_request(
-            "POST", url, headers=headers, content=json.dumps(upstream_body).encode()
-        )
         try:
-            upstream = await client.send(upstream_request, stream=True)
-        except httpx.HTTPError as exc:
-            timed_out = isinstance(exc, httpx.TimeoutException)
+            upstream = await upstream_send(
+                url=url, headers=headers, body=json.dumps(upstream_body).encode()
+            )
+        except UpstreamError as exc:
+            timed_out = exc.timed_out
             logger.warning(
                 "Upstream %s failed for request %s attempt %s: %s",
                 route.provider,
                 request_id,
                 index,
-                type(exc).__name__,
+                exc,
             )
             await _meter(
                 **meter_args,
@@ -267,7 +240,7 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
             return error_response(error, surface=surface, request_id=request_id)
 
         if upstream.status_code in RETRYABLE_STATUS and not last:
-            await upstream.aclose()
+            await upstream.close()
             await _meter(
                 **meter_args,
                 status=UsageRecord.Status.UPSTREAM_ERROR,
@@ -292,6 +265,7 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
         response = StreamingHttpResponse(
             events, status=upstream.status_code, content_type="text/event-stream; charset=utf-8"
         )
+        response.event_stream = events  # type: ignore[attr-defined]
         response["cache-control"] = "no-cache"
         response["x-accel-buffering"] = "no"
         set_request_id(response, request_id=request_id, surface=surface)
@@ -299,11 +273,34 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
     raise AssertionError("request_admit returned no route")
 
 
-async def _whole_response(*, upstream: httpx.Response, meter_args: dict) -> HttpResponse:
+async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> HttpResponse:
     try:
-        content = await upstream.aread()
+        content = await upstream.read()
+    except UpstreamError as exc:
+        logger.warning(
+            "Upstream broke off the response to request %s: %s", meter_args["request_id"], exc
+        )
+        await _meter(
+            **meter_args,
+            status=UsageRecord.Status.FAILED,
+            http_status=upstream.status_code,
+            usage=TokenUsage(),
+            final=True,
+            error_type="timeout" if exc.timed_out else "upstream_cut",
+        )
+        error = GatewayError(
+            504 if exc.timed_out else 502,
+            "The upstream provider timed out."
+            if exc.timed_out
+            else "The upstream provider broke off its response.",
+            openai_type="api_error",
+            code="timeout" if exc.timed_out else "upstream_unreachable",
+        )
+        return error_response(
+            error, surface=meter_args["surface"], request_id=meter_args["request_id"]
+        )
     finally:
-        await upstream.aclose()
+        await upstream.close()
     succeeded = upstream.status_code < 400
     surface = meter_args["surface"]
     usage = TokenUsage()
@@ -359,7 +356,7 @@ USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 
 async def _stream_events(
     *,
-    upstream: httpx.Response,
+    upstream: UpstreamResponse,
     meter_args: dict,
     body: dict,
     client_wants_usage: bool,
@@ -392,7 +389,7 @@ async def _stream_events(
 
     try:
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_chunks():
                 buffer += chunk
                 while (split := _split_event(buffer)) is not None:
                     raw_event, buffer = split
@@ -418,13 +415,13 @@ async def _stream_events(
                     if terminal and not metered:
                         await meter_now(UsageRecord.Status.SUCCEEDED)
                     yield raw_event
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # Upstream cut the stream; the client is charged for what it received.
             error_type = "upstream_cut"
             logger.warning(
                 "Upstream stream cut for request %s: %s",
                 meter_args["request_id"],
-                type(exc).__name__,
+                exc,
             )
         else:
             if buffer:
@@ -440,7 +437,7 @@ async def _stream_events(
             # The client may be gone and this generator cancelled, so the record is
             # written by a task of its own.
             run_in_background(meter_now(status))
-        await upstream.aclose()
+        await upstream.close()
 
 
 @csrf_exempt

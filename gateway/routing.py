@@ -122,7 +122,7 @@ class PriceCatalog:
 
 
 def price_catalog_load() -> PriceCatalog:
-    """Read the whole price table; it holds a few rows per model."""
+    """Read the whole price table, which has a few rows per model."""
     periods: dict[tuple[str, str], list[PricePeriod]] = defaultdict(list)
     for row in ModelPrice.objects.order_by("provider", "model", "effective_from"):
         periods[(row.provider, row.model)].append(
@@ -406,8 +406,8 @@ def _reachable(routes: list[Route], *, account_id: int) -> list[Route]:
 def routes_resolve(*, identity: KeyIdentity, body: dict, surface: str) -> list[Route]:
     """Resolve `model` and the fallback chain of `models` to routes, primary first.
 
-    Every model must exist, be allowed for the key and speak the surface's format;
-    a model that resolves to a route already in the chain is skipped.
+    Every model must exist, be allowed for the key and speak the surface's format.
+    A model that resolves to a route already in the chain is skipped.
     """
     requested = _requested_models(body)
     config, catalog = _snapshot(identity.account_id)

@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import Account, User
-from credits.services import usage_debit
+from credits.services.ledger import UsageCharge, usage_debits_apply
 from gateway.models import AccessKey, ModelPrice, UsageRecord
 from gateway.pricing import Price, TokenUsage, request_cost
 
@@ -107,8 +107,7 @@ def _limits_validate(
         raise AccessKeyError("spend_limit must be more than USD 0 and at most USD 1,000,000.")
     if spend_limit_period not in AccessKey.SpendLimitPeriod.values:
         raise AccessKeyError(
-            "spend_limit_period must be one of "
-            f"{', '.join(AccessKey.SpendLimitPeriod.values)}."
+            f"spend_limit_period must be one of {', '.join(AccessKey.SpendLimitPeriod.values)}."
         )
     if spend_limit_nanousd is None and spend_limit_period != AccessKey.SpendLimitPeriod.NEVER:
         raise AccessKeyError("spend_limit_period needs a spend_limit.")
@@ -249,55 +248,94 @@ def usage_record(*, attempt: Attempt, at: datetime | None = None) -> UsageRecord
     Failed attempts are recorded at no cost. Aborted streams are charged for what was
     delivered.
     """
-    at = at or timezone.now()
-    charged = attempt.status in (UsageRecord.Status.SUCCEEDED, UsageRecord.Status.ABORTED)
-    cost = request_cost(usage=attempt.usage, price=attempt.price if charged else None)
-    if not charged:
-        fee = model_cost = 0
-    else:
-        fee, model_cost = cost.fee_nanousd, cost.model_cost_nanousd
     try:
-        with transaction.atomic():
-            record = UsageRecord.objects.create(
-                request_id=attempt.request_id,
-                attempt=attempt.attempt,
-                account_id=attempt.account_id,
-                access_key_id=attempt.key_id,
-                provider=attempt.provider,
-                model=attempt.model,
-                surface=attempt.surface,
-                key_source=attempt.key_source,
-                status=attempt.status,
-                http_status=attempt.http_status,
-                streamed=attempt.streamed,
-                input_tokens=attempt.usage.input_tokens,
-                output_tokens=attempt.usage.output_tokens,
-                cache_read_tokens=attempt.usage.cache_read_tokens,
-                cache_write_tokens=attempt.usage.cache_write_tokens,
-                reasoning_tokens=attempt.usage.reasoning_tokens,
-                usage_estimated=attempt.usage.estimated,
-                fee_nanousd=fee,
-                model_cost_nanousd=model_cost,
-                cost_nanousd=fee + model_cost,
-                latency_ms=attempt.latency_ms,
-                error_type=attempt.error_type,
-                created_at=at,
-            )
-            if fee + model_cost > 0:
-                usage_debit(
-                    account_id=attempt.account_id,
-                    request_id=attempt.request_id,
-                    amount_nanousd=fee + model_cost,
-                    description=f"{attempt.provider}:{attempt.model}",
-                    at=at,
-                )
-            if attempt.key_id is not None:
-                access_key_touch(key_id=attempt.key_id, at=at)
+        return usage_records_batch(attempts=[attempt], at=at)[0]
     except IntegrityError:
+        # A concurrent call recorded the same attempt first.
         existing = UsageRecord.objects.filter(
             request_id=attempt.request_id, attempt=attempt.attempt
         ).first()
         if existing is None:
             raise
         return existing
-    return record
+
+
+def _usage_record_new(attempt: Attempt, at: datetime) -> UsageRecord:
+    charged = attempt.status in (UsageRecord.Status.SUCCEEDED, UsageRecord.Status.ABORTED)
+    fee = model_cost = 0
+    if charged:
+        cost = request_cost(usage=attempt.usage, price=attempt.price)
+        fee, model_cost = cost.fee_nanousd, cost.model_cost_nanousd
+    return UsageRecord(
+        request_id=attempt.request_id,
+        attempt=attempt.attempt,
+        account_id=attempt.account_id,
+        access_key_id=attempt.key_id,
+        provider=attempt.provider,
+        model=attempt.model,
+        surface=attempt.surface,
+        key_source=attempt.key_source,
+        status=attempt.status,
+        http_status=attempt.http_status,
+        streamed=attempt.streamed,
+        input_tokens=attempt.usage.input_tokens,
+        output_tokens=attempt.usage.output_tokens,
+        cache_read_tokens=attempt.usage.cache_read_tokens,
+        cache_write_tokens=attempt.usage.cache_write_tokens,
+        reasoning_tokens=attempt.usage.reasoning_tokens,
+        usage_estimated=attempt.usage.estimated,
+        fee_nanousd=fee,
+        model_cost_nanousd=model_cost,
+        cost_nanousd=fee + model_cost,
+        latency_ms=attempt.latency_ms,
+        error_type=attempt.error_type,
+        created_at=at,
+    )
+
+
+@transaction.atomic
+def usage_records_batch(
+    *, attempts: list[Attempt], at: datetime | None = None
+) -> list[UsageRecord]:
+    """Record and charge many attempts in one transaction, once per request id and attempt.
+
+    The gateway meters in batches, so this costs a handful of queries per batch plus
+    about eight per account charged, not per attempt. Returns the records in the order
+    of `attempts`; an attempt recorded before returns its existing record.
+    """
+    at = at or timezone.now()
+
+    # 1. Skip attempts recorded before (a retried batch).
+    request_ids = {attempt.request_id for attempt in attempts}
+    existing = {
+        (record.request_id, record.attempt): record
+        for record in UsageRecord.objects.filter(request_id__in=request_ids)
+    }
+    new_records: dict[tuple[str, int], UsageRecord] = {}
+    for attempt in attempts:
+        identity = (attempt.request_id, attempt.attempt)
+        if identity not in existing and identity not in new_records:
+            new_records[identity] = _usage_record_new(attempt, at)
+    UsageRecord.objects.bulk_create(list(new_records.values()))
+
+    # 2. Charge each account once for all its new records.
+    charges: dict[int, list[UsageCharge]] = {}
+    for record in new_records.values():
+        if record.cost_nanousd > 0:
+            charges.setdefault(record.account_id, []).append(
+                UsageCharge(
+                    request_id=record.request_id,
+                    amount_nanousd=record.cost_nanousd,
+                    at=at,
+                    description=f"{record.provider}:{record.model}",
+                )
+            )
+    for account_id, account_charges in charges.items():
+        usage_debits_apply(account_id=account_id, charges=account_charges)
+
+    # 3. Mark the keys used.
+    for key_id in {record.access_key_id for record in new_records.values()} - {None}:
+        access_key_touch(key_id=key_id, at=at)
+
+    records = {**existing, **new_records}
+    return [records[(attempt.request_id, attempt.attempt)] for attempt in attempts]

@@ -149,8 +149,10 @@ def _see_other(url_name: str) -> HttpResponseRedirect:
     return response
 
 
-def _add_provider_error(form, error: ProviderError) -> None:
+def _add_provider_error(request, form, error: ProviderError) -> None:
     """Attach a service error to its form field, or to the form when the field is not on it."""
+    # Provider errors never contain a key, so the message is safe to log.
+    logger.info("Rejected a provider change for account %s: %s", request.account.pk, error)
     form.add_error(error.field if error.field in form.fields else None, str(error))
 
 
@@ -205,7 +207,7 @@ class ProviderKeySetView(AccountRequiredMixin, View):
                     set_by=request.user,
                 )
             except ProviderError as error:
-                _add_provider_error(form, error)
+                _add_provider_error(request, form, error)
             else:
                 messages.success(
                     request,
@@ -250,7 +252,7 @@ class CustomProviderCreateView(AccountRequiredMixin, View):
                     created_by=request.user,
                 )
             except ProviderError as error:
-                _add_provider_error(form, error)
+                _add_provider_error(request, form, error)
             else:
                 messages.success(request, f"Added the custom provider {provider.name}.")
                 return _see_other("providers")
@@ -293,7 +295,7 @@ class CustomProviderEditView(AccountRequiredMixin, View):
                     key_clear=form.cleaned_data["key_clear"],
                 )
             except ProviderError as error:
-                _add_provider_error(form, error)
+                _add_provider_error(request, form, error)
             else:
                 messages.success(request, f"Saved the custom provider {provider.name}.")
                 return _see_other("providers")

@@ -224,7 +224,7 @@ GATEWAY_METER_AFTER_RESPONSE = env_bool("GATEWAY_METER_AFTER_RESPONSE", True)
 # Access keys and balances are cached this long; revokes and ledger changes evict them.
 GATEWAY_AUTH_CACHE_SECONDS = int(os.environ.get("GATEWAY_AUTH_CACHE_SECONDS", "60"))
 # Reservations of a request's worst-case cost lapse after this long, so a process that
-# dies mid-request cannot hold credit forever; a bit longer than the upstream timeout.
+# dies mid-request cannot keep credit reserved. The default is the upstream timeout plus 60 s.
 GATEWAY_RESERVATION_TTL_SECONDS = int(
     os.environ.get(
         "GATEWAY_RESERVATION_TTL_SECONDS", str(int(GATEWAY_UPSTREAM_TIMEOUT_SECONDS) + 60)

@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from credits import api as credits_api
+from credits.receivers import StripeWebhookView
 from gateway import api as gateway_api
 from gateway import proxy
 
@@ -39,6 +40,9 @@ urlpatterns = [
     path("api/", include(api_patterns)),
     path("admin/", admin.site.urls),
     path("accounts/", include("allauth.urls")),
+    # Checks the signature before dj-stripe stores anything; dj-stripe's own route below
+    # is shadowed by this one and stays for its URL names.
+    path("stripe/webhook/<uuid:uuid>/", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("stripe/", include("djstripe.urls", namespace="djstripe")),
     path("", include("portal.dashboard_urls")),
 ]

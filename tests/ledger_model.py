@@ -14,11 +14,17 @@ Rules:
 - a new lot pays the debt first;
 - an expiry run writes, once per lot, the remainder of every lot whose `expires_at` is
   at or before the run's time, and leaves the balance unchanged;
+- a batch of debits is applied in order of (`at`, request id), each as one debit;
+- a refund takes what it can from the lot while the lot is spendable; the rest, or all
+  of it when the lot is out of the balance, becomes debt;
+- an open dispute freezes an active lot (out of the balance, untouched); a won dispute
+  makes it active again once no other dispute of it is open; a lost one voids it and
+  writes its remainder off. A dispute closed before it opened is recorded closed, and
+  its opening then changes nothing;
 - each operation carries an idempotency key: repeating it changes nothing.
 
-Operations that change a lot's status (a refund voiding a lot, a dispute freezing it)
-fit in as methods that set `ModelLot.status` and adjust `remaining_nanousd` or
-`debt_nanousd`; `spendable` already honours the status.
+Instants are kept in UTC: an aware time in a repeated hour (fold=1) never compares
+equal to the same instant in another zone.
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +36,11 @@ NANOUSD_PER_CENT = 10_000_000
 LOT_LIFETIME = relativedelta(years=1)
 
 ACTIVE = "active"
+FROZEN = "frozen"
+VOIDED = "voided"
+OPEN = "open"
+WON = "won"
+LOST = "lost"
 
 
 def purchase_expiry(at: datetime) -> datetime:
@@ -66,11 +77,19 @@ class Outcome:
 
 
 @dataclass
+class ModelDispute:
+    lot: ModelLot
+    status: str = OPEN
+
+
+@dataclass
 class LedgerModel:
     lots: list[ModelLot] = field(default_factory=list)
     debt_nanousd: int = 0
     # Idempotency key -> the outcome of the operation that first used it.
     applied: dict[str, Outcome] = field(default_factory=dict)
+    # Stripe dispute id -> the dispute.
+    disputes: dict[str, ModelDispute] = field(default_factory=dict)
 
     def spendable_nanousd(self, at: datetime) -> int:
         return sum(lot.remaining_nanousd for lot in self.lots if lot.spendable(at))
@@ -112,8 +131,8 @@ class LedgerModel:
             source=source,
             original_nanousd=amount_nanousd,
             remaining_nanousd=amount_nanousd,
-            created_at=at,
-            expires_at=expires_at,
+            created_at=at.astimezone(UTC),
+            expires_at=expires_at.astimezone(UTC),
             session_id=session_id,
         )
         self.lots.append(lot)
@@ -166,7 +185,7 @@ class LedgerModel:
         outstanding = amount_nanousd
         order = sorted(
             (lot for lot in self.lots if lot.spendable(at) and lot.remaining_nanousd > 0),
-            key=lambda lot: (lot.expires_at, lot.created_at, lot.index),
+            key=lambda lot: (lot.created_at, lot.expires_at, lot.index),
         )
         for lot in order:
             take = min(lot.remaining_nanousd, outstanding)
@@ -184,10 +203,84 @@ class LedgerModel:
             ),
         )
 
+    def debit_batch(self, *, charges: list[tuple[str, int, datetime]]) -> list[bool]:
+        """Apply (request id, amount, at) charges in order of (at, request id).
+
+        Returns, in the order given, whether each charge's request id was new to the
+        ledger before the batch.
+        """
+        new = [f"usage:{request_id}" not in self.applied for request_id, _amount, _at in charges]
+        for request_id, amount, at in sorted(charges, key=lambda charge: (charge[2], charge[0])):
+            self.debit(request_id=request_id, amount_nanousd=amount, at=at)
+        return new
+
+    def refund(self, *, refund_id: str, lot: ModelLot, amount_cents: int, at: datetime) -> Outcome:
+        """Take a refund out of the lot while it is spendable; the rest becomes debt."""
+        key = f"refund:{refund_id}"
+        repeated = self._repeat(key)
+        if repeated is not None:
+            return repeated
+        amount = amount_cents * NANOUSD_PER_CENT
+        voided = min(lot.remaining_nanousd, amount) if lot.spendable(at) else 0
+        lot.remaining_nanousd -= voided
+        self.debt_nanousd += amount - voided
+        return self._record(
+            key,
+            Outcome(
+                applied=True,
+                amount_nanousd=-amount,
+                balance_after_nanousd=self.balance_nanousd(at),
+            ),
+        )
+
+    def dispute_open(self, *, dispute_id: str, lot: ModelLot, at: datetime) -> Outcome:
+        """Freeze an active lot, once per dispute; a dispute already recorded is left alone."""
+        if dispute_id in self.disputes:
+            return Outcome(applied=False)
+        change = -lot.remaining_nanousd if lot.spendable(at) else 0
+        if lot.status == ACTIVE:
+            lot.status = FROZEN
+        self.disputes[dispute_id] = ModelDispute(lot=lot)
+        return self._record(
+            f"dispute:{dispute_id}:freeze",
+            Outcome(
+                applied=True, amount_nanousd=change, balance_after_nanousd=self.balance_nanousd(at)
+            ),
+        )
+
+    def dispute_close(self, *, dispute_id: str, lot: ModelLot, won: bool, at: datetime) -> Outcome:
+        """Settle a dispute once: won unfreezes the lot, lost voids what remains of it."""
+        dispute = self.disputes.get(dispute_id)
+        if dispute is not None and dispute.status != OPEN:
+            return Outcome(applied=False)
+        if dispute is None:
+            dispute = self.disputes[dispute_id] = ModelDispute(lot=lot)
+        lot = dispute.lot
+        if won:
+            others_open = any(
+                other.lot is lot and other.status == OPEN and other is not dispute
+                for other in self.disputes.values()
+            )
+            change = 0
+            if lot.status == FROZEN and not others_open:
+                lot.status = ACTIVE
+                change = lot.remaining_nanousd if lot.spendable(at) else 0
+        else:
+            change = -lot.remaining_nanousd if lot.spendable(at) else 0
+            lot.remaining_nanousd = 0
+            lot.status = VOIDED
+        dispute.status = WON if won else LOST
+        return self._record(
+            f"dispute:{dispute_id}:{dispute.status}",
+            Outcome(
+                applied=True, amount_nanousd=change, balance_after_nanousd=self.balance_nanousd(at)
+            ),
+        )
+
     def expire_due(self, *, at: datetime) -> list[ModelLot]:
         """Write off the remainder of every lot due at `at`; return the lots written."""
         due = [lot for lot in self.lots if lot.expires_at <= at and lot.expired_at is None]
         for lot in due:
             lot.remaining_nanousd = 0
-            lot.expired_at = at
+            lot.expired_at = at.astimezone(UTC)
         return due

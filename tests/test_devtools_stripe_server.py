@@ -642,3 +642,315 @@ def test_failed_delivery_recorded() -> None:
     assert deliveries[0]["ok"] is False
     assert deliveries[0]["status"] is None
     assert deliveries[0]["error"]
+
+
+# --- Refunds and disputes --------------------------------------------------------------
+
+
+def paid_charge(server: RunningServer, **overrides: Any) -> tuple[str, stripe.Charge]:
+    """Create and pay a USD 5.00 session; return its id and its charge."""
+    created = create_session(**overrides)
+    control_post(server, f"/_test/sessions/{created.id}/pay")
+    session = stripe.checkout.Session.retrieve(created.id, expand=["payment_intent"])
+    return created.id, stripe.Charge.retrieve(session.payment_intent.latest_charge)
+
+
+def form_post(server: RunningServer, path: str, fields: dict[str, Any]) -> tuple[int, Any]:
+    body = urllib.parse.urlencode(fields).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _headers, raw = http_request(server, "POST", path, body, headers)
+    return status, json.loads(raw)
+
+
+def test_partial_refunds_add_up_on_the_charge(stripe_api: RunningServer) -> None:
+    session_id, charge = paid_charge(stripe_api)
+
+    status, first = form_post(stripe_api, f"/_test/sessions/{session_id}/refund", {"amount": 300})
+    _status, second = control_post(stripe_api, f"/_test/sessions/{session_id}/refund")
+
+    assert status == 200
+    assert re.fullmatch(r"re_[A-Za-z0-9]+", first["refund"]["id"])
+    assert first["refund"]["amount"] == 300
+    assert first["refund"]["charge"] == charge.id
+    assert first["refund"]["payment_intent"] == charge.payment_intent
+    assert first["refund"]["status"] == "succeeded"
+    assert first["refund"]["reason"] == "requested_by_customer"
+    assert first["dispute"] is None
+    assert first["webhook_delivery"] is None
+    assert (first["charge"]["amount_refunded"], first["charge"]["refunded"]) == (300, False)
+    assert first["event"]["type"] == "charge.refunded"
+    assert first["event"]["data"]["object"]["amount_refunded"] == 300
+    assert first["event"]["data"]["previous_attributes"] == {"amount_refunded": 0}
+    # Without an amount, the rest of the charge is refunded.
+    assert second["refund"]["amount"] == 200
+    assert (second["charge"]["amount_refunded"], second["charge"]["refunded"]) == (500, True)
+    assert second["event"]["data"]["previous_attributes"] == {
+        "amount_refunded": 300,
+        "refunded": False,
+    }
+    retrieved = stripe.Charge.retrieve(charge.id)
+    assert (retrieved.amount_refunded, retrieved.refunded) == (500, True)
+    assert "refunds" not in retrieved
+    assert stripe.Event.retrieve(second["event"]["id"]).type == "charge.refunded"
+
+
+def test_refunds_list_newest_first_in_pages(stripe_api: RunningServer) -> None:
+    session_id, charge = paid_charge(stripe_api)
+    _other_session, other_charge = paid_charge(stripe_api)
+    ids = [
+        form_post(stripe_api, f"/_test/sessions/{session_id}/refund", {"amount": 100})[1][
+            "refund"
+        ]["id"]
+        for _ in range(3)
+    ]
+
+    first_page = stripe.Refund.list(charge=charge.id, limit=2)
+    everything = list(stripe.Refund.list(charge=charge.id, limit=2).auto_paging_iter())
+    by_intent = stripe.Refund.list(payment_intent=charge.payment_intent)
+    expanded = stripe.Charge.retrieve(charge.id, expand=["refunds"])
+
+    assert [refund.id for refund in first_page.data] == [ids[2], ids[1]]
+    assert first_page.has_more is True
+    assert [refund.id for refund in everything] == ids[::-1]
+    assert [refund.id for refund in by_intent.data] == ids[::-1]
+    assert by_intent.has_more is False
+    assert [refund.id for refund in expanded.refunds.data] == ids[::-1]
+    assert stripe.Refund.list(charge=other_charge.id).data == []
+    assert stripe.Refund.retrieve(ids[0]).amount == 100
+
+
+def test_refund_create_through_the_api(stripe_api: RunningServer) -> None:
+    _session_id, charge = paid_charge(stripe_api)
+
+    refund = stripe.Refund.create(
+        payment_intent=charge.payment_intent,
+        amount=125,
+        reason="duplicate",
+        metadata={"ticket": "42"},
+        expand=["balance_transaction"],
+    )
+
+    assert refund.object == "refund"
+    assert refund.amount == 125
+    assert refund.charge == charge.id
+    assert refund.reason == "duplicate"
+    assert refund.metadata.to_dict() == {"ticket": "42"}
+    assert refund.balance_transaction.amount == -125
+    assert refund.balance_transaction.type == "refund"
+    assert refund.balance_transaction.source == refund.id
+    assert stripe.Charge.retrieve(charge.id).amount_refunded == 125
+    events = [
+        event
+        for event in stripe_api.app.state.events()
+        if event["type"] == "charge.refunded" and event["data"]["object"]["id"] == charge.id
+    ]
+    assert len(events) == 1
+    assert events[0]["request"]["id"] is not None
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "param"),
+    [
+        ({"amount": 501}, "amount_too_large", "amount"),
+        ({"amount": 0}, "parameter_invalid", "amount"),
+        ({"reason": "changed_mind"}, "parameter_invalid", "reason"),
+        ({"currency": "eur"}, "parameter_unknown", "currency"),
+    ],
+)
+def test_refund_create_rejects_bad_params(
+    stripe_api: RunningServer, params: dict[str, Any], code: str, param: str
+) -> None:
+    _session_id, charge = paid_charge(stripe_api)
+
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        stripe.Refund.create(charge=charge.id, **params)
+
+    assert caught.value.http_status == 400
+    assert caught.value.code == code
+    assert caught.value.param == param
+    assert stripe.Charge.retrieve(charge.id).amount_refunded == 0
+    assert stripe.Refund.list(charge=charge.id).data == []
+
+
+def test_refund_needs_a_charge_that_can_be_refunded(stripe_api: RunningServer) -> None:
+    _session_id, charge = paid_charge(stripe_api)
+    stripe.Refund.create(charge=charge.id)
+    unpaid = create_session()
+
+    with pytest.raises(stripe.InvalidRequestError) as refunded:
+        stripe.Refund.create(charge=charge.id, amount=1)
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        stripe.Refund.create(charge="ch_missing")
+    with pytest.raises(stripe.InvalidRequestError) as neither:
+        stripe.Refund.create(amount=100)
+    status, not_paid = control_post(stripe_api, f"/_test/sessions/{unpaid.id}/refund")
+
+    assert refunded.value.code == "charge_already_refunded"
+    assert missing.value.http_status == 404
+    assert missing.value.code == "resource_missing"
+    assert neither.value.code == "parameter_missing"
+    assert status == 400
+    assert not_paid["error"]["code"] == "checkout_session_not_paid"
+
+
+def test_refund_of_a_bank_debit_is_pending(stripe_api: RunningServer) -> None:
+    created = create_session()
+    control_post(stripe_api, f"/_test/sessions/{created.id}/pay_async")
+    control_post(stripe_api, f"/_test/sessions/{created.id}/async_succeeded")
+
+    _status, result = control_post(stripe_api, f"/_test/sessions/{created.id}/refund")
+
+    assert result["refund"]["status"] == "pending"
+    assert result["refund"]["destination_details"]["type"] == "us_bank_account"
+
+
+def test_list_rejects_unknown_cursor_and_limit(stripe_api: RunningServer) -> None:
+    with pytest.raises(stripe.InvalidRequestError) as cursor:
+        stripe.Refund.list(starting_after="re_missing")
+    with pytest.raises(stripe.InvalidRequestError) as limit:
+        stripe.Refund.list(limit=101)
+
+    assert cursor.value.code == "resource_missing"
+    assert cursor.value.param == "starting_after"
+    assert limit.value.param == "limit"
+
+
+def test_dispute_opens_then_is_won(stripe_api: RunningServer) -> None:
+    session_id, charge = paid_charge(stripe_api)
+
+    status, opened = control_post(stripe_api, f"/_test/sessions/{session_id}/dispute")
+    dispute_id = opened["dispute"]["id"]
+    retrieved = stripe.Dispute.retrieve(dispute_id)
+
+    assert status == 200
+    assert re.fullmatch(r"dp_[A-Za-z0-9]+", dispute_id)
+    assert opened["event"]["type"] == "charge.dispute.created"
+    assert opened["event"]["data"]["object"]["id"] == dispute_id
+    assert opened["charge"]["disputed"] is True
+    assert retrieved.status == "needs_response"
+    assert retrieved.amount == 500
+    assert retrieved.charge == charge.id
+    assert retrieved.payment_intent == charge.payment_intent
+    assert retrieved.reason == "fraudulent"
+    assert retrieved.is_charge_refundable is False
+    withdrawal = retrieved.balance_transactions[0]
+    assert (withdrawal.amount, withdrawal.fee, withdrawal.net) == (-500, 1500, -2000)
+    assert withdrawal.reporting_category == "dispute"
+    assert [d.id for d in stripe.Dispute.list(charge=charge.id).data] == [dispute_id]
+
+    _status, closed = form_post(
+        stripe_api, f"/_test/disputes/{dispute_id}/close", {"status": "won"}
+    )
+
+    assert closed["event"]["type"] == "charge.dispute.closed"
+    assert closed["event"]["data"]["previous_attributes"] == {"status": "needs_response"}
+    assert closed["dispute"]["status"] == "won"
+    reinstated = stripe.Dispute.retrieve(dispute_id).balance_transactions[1]
+    assert (reinstated.amount, reinstated.net) == (500, 500)
+    assert reinstated.reporting_category == "dispute_reversal"
+    # A won dispute leaves the charge refundable.
+    assert stripe.Refund.create(charge=charge.id, amount=100).amount == 100
+
+
+def test_lost_dispute_blocks_refunds_and_closes_once(stripe_api: RunningServer) -> None:
+    session_id, charge = paid_charge(stripe_api)
+    _status, opened = form_post(
+        stripe_api,
+        f"/_test/sessions/{session_id}/dispute",
+        {"amount": 200, "reason": "product_not_received"},
+    )
+    dispute_id = opened["dispute"]["id"]
+
+    bad_status, bad = form_post(
+        stripe_api, f"/_test/disputes/{dispute_id}/close", {"status": "maybe"}
+    )
+    _status, lost = form_post(
+        stripe_api, f"/_test/disputes/{dispute_id}/close", {"status": "lost"}
+    )
+    again_status, again = form_post(
+        stripe_api, f"/_test/disputes/{dispute_id}/close", {"status": "won"}
+    )
+    second_status, second = control_post(stripe_api, f"/_test/sessions/{session_id}/dispute")
+    with pytest.raises(stripe.InvalidRequestError) as refund:
+        stripe.Refund.create(charge=charge.id)
+
+    assert opened["dispute"]["amount"] == 200
+    assert opened["dispute"]["reason"] == "product_not_received"
+    assert (bad_status, bad["error"]["param"]) == (400, "status")
+    assert lost["dispute"]["status"] == "lost"
+    assert len(lost["dispute"]["balance_transactions"]) == 1
+    assert (again_status, again["error"]["code"]) == (400, "dispute_already_closed")
+    assert (second_status, second["error"]["code"]) == (400, "charge_already_disputed")
+    assert refund.value.code == "charge_disputed"
+    assert stripe.Dispute.retrieve(dispute_id).status == "lost"
+
+
+def test_refund_and_dispute_events_are_delivered_signed(
+    webhook_server: tuple[RunningServer, WebhookReceiver],
+) -> None:
+    running, receiver = webhook_server
+    created = create_session(api_key=SECRET_KEY)
+    control_post(running, f"/_test/sessions/{created.id}/pay")
+
+    _status, refunded = form_post(running, f"/_test/sessions/{created.id}/refund", {"amount": 1})
+    _status, disputed = control_post(running, f"/_test/sessions/{created.id}/dispute")
+
+    assert refunded["webhook_delivery"]["ok"] is True
+    assert disputed["webhook_delivery"]["ok"] is True
+    types = []
+    for delivered in receiver.requests:
+        event = stripe.Webhook.construct_event(
+            delivered["body"], delivered["headers"]["Stripe-Signature"], WEBHOOK_SECRET
+        )
+        types.append(event.type)
+    assert types == ["checkout.session.completed", "charge.refunded", "charge.dispute.created"]
+
+
+def test_refund_through_the_api_is_delivered_in_the_background(
+    webhook_server: tuple[RunningServer, WebhookReceiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, receiver = webhook_server
+    monkeypatch.setattr(stripe, "api_key", SECRET_KEY)
+    _session_id, charge = paid_charge(running)
+
+    refund = stripe.Refund.create(charge=charge.id, amount=50)
+
+    deadline = time.monotonic() + 10
+    while len(receiver.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    event = json.loads(receiver.requests[1]["body"])
+    assert event["type"] == "charge.refunded"
+    assert event["data"]["object"]["amount_refunded"] == 50
+    assert refund.amount == 50
+
+
+def test_webhook_target_can_be_set_and_cleared() -> None:
+    receiver = WebhookReceiver()
+    running, stop = start_server()
+    saved_base = stripe.api_base
+    stripe.api_base = running.base_url
+    try:
+        first = create_session(api_key=SECRET_KEY)
+        second = create_session(api_key=SECRET_KEY)
+        half_status, half = form_post(running, "/_test/webhook_endpoint", {"url": receiver.url})
+        set_status, target = form_post(
+            running,
+            "/_test/webhook_endpoint",
+            {"url": receiver.url, "secret": WEBHOOK_SECRET},
+        )
+        _status, paid = control_post(running, f"/_test/sessions/{first.id}/pay")
+        _status, cleared = control_post(running, "/_test/webhook_endpoint")
+        _status, unsent = control_post(running, f"/_test/sessions/{second.id}/pay")
+    finally:
+        stripe.api_base = saved_base
+        stop()
+        receiver.close()
+
+    assert half_status == 400
+    assert "secret" in half["error"]["message"]
+    assert (set_status, target) == (200, {"webhook_url": receiver.url})
+    assert paid["webhook_delivery"]["ok"] is True
+    assert paid["event"]["pending_webhooks"] == 1
+    assert cleared == {"webhook_url": None}
+    assert unsent["webhook_delivery"] is None
+    assert len(receiver.requests) == 1

@@ -17,13 +17,13 @@ from django.db import connection
 from django.utils import timezone
 
 from credits.models import CheckoutPurchase, CreditLot, LedgerTransaction
-from credits.services import ledger
 from credits.services import (
     Debit,
     account_balance,
     account_balance_cached,
     credit_grant,
     credit_lots_expire_due,
+    ledger,
     ledger_violations,
     purchase_lot_create,
     usage_debit,
@@ -184,9 +184,7 @@ def test_purchase_fulfilment_racing_its_duplicates_makes_one_lot(owner):
         assert (purchase.status, purchase.lot_id) == (CheckoutPurchase.Status.FULFILLED, lot.pk)
     assert LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.PURCHASE).count() == 10
     remaining = sorted(
-        CreditLot.objects.filter(account=owner.account).values_list(
-            "remaining_nanousd", flat=True
-        )
+        CreditLot.objects.filter(account=owner.account).values_list("remaining_nanousd", flat=True)
     )
     assert remaining == [500 * CENT - 3 * CENT] + [500 * CENT] * 9
     balance = account_balance(account_id=owner.account.pk)

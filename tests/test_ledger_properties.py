@@ -1,12 +1,14 @@
 """Random sequences of ledger operations match the reference model after every step.
 
-Each example runs purchases, grants, debits, retries, expiry runs and time jumps at
-random instants, spelled in a random time zone, against the real services and against
-`tests.ledger_model`, then compares balance, debt and every lot exactly and checks the
-ledger invariants. Each example runs in a transaction that is rolled back, so the next
-one starts from an empty ledger.
+Each example runs purchases, grants (some backdated), single and batched debits,
+refunds, dispute openings and closings, repeated deliveries of all of these, expiry runs
+and time jumps, at random instants spelled in a random time zone, against the real
+services and against `tests.ledger_model`. After every step it compares balance, debt,
+every lot and every dispute exactly and checks the ledger invariants. Each example runs
+in a transaction that is rolled back, so the next one starts from an empty ledger.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from io import StringIO
@@ -15,21 +17,25 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import transaction
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import Account
-from credits.models import CreditLot, LedgerEntry, LedgerTransaction
+from credits.models import CreditLot, LedgerEntry, LedgerTransaction, LotDispute
 from credits.services import (
     Balance,
     account_balance,
     credit_grant,
     credit_lots_expire_due,
     ledger_violations,
+    lot_dispute_close,
+    lot_dispute_open,
+    lot_refund_apply,
     purchase_lot_create,
     usage_debit,
 )
-from tests.ledger_model import LedgerModel, Outcome
+from credits.services.ledger import UsageCharge, usage_debits_apply
+from tests.ledger_model import LedgerModel, ModelLot, Outcome
 
 pytestmark = pytest.mark.django_db
 
@@ -38,8 +44,8 @@ USD = 1_000_000_000
 ZONES = ["UTC", "America/Los_Angeles", "Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe"]
 
 
-# Steps of a random sequence. `pick` chooses among earlier lots or operations, modulo
-# how many there are, so every drawn value means something whatever came before.
+# Steps of a random sequence. `pick` chooses among earlier lots, disputes or operations,
+# modulo how many there are, so every drawn value means something whatever came before.
 @dataclass(frozen=True)
 class Purchase:
     cents: int
@@ -54,8 +60,49 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class BackdatedGrant:
+    """A grant dated `back` before now: older than lots created before it, with a higher id.
+
+    It expires with an earlier lot (`pick`), when that one is still ahead, so the tie on
+    the expiry must be broken by age, not by id.
+    """
+
+    amount_nanousd: int
+    back: timedelta
+    pick: int
+
+
+@dataclass(frozen=True)
 class Debit:
     amount_nanousd: int
+
+
+@dataclass(frozen=True)
+class DebitBatch:
+    """Charges metered together as (amount, seconds ago); maybe the first one twice."""
+
+    charges: tuple[tuple[int, int], ...]
+    repeat_first: bool
+
+
+@dataclass(frozen=True)
+class Refund:
+    pick: int
+    cents: int
+
+
+@dataclass(frozen=True)
+class DisputeOpen:
+    pick: int
+
+
+@dataclass(frozen=True)
+class DisputeClose:
+    """Close an earlier dispute, or (`unseen`) one whose opening has not arrived yet."""
+
+    pick: int
+    won: bool
+    unseen: bool
 
 
 @dataclass(frozen=True)
@@ -86,6 +133,7 @@ amounts = st.one_of(
 )
 steps = st.one_of(
     st.builds(Purchase, cents=st.integers(min_value=1, max_value=5)),
+    st.builds(Purchase, cents=st.integers(min_value=1, max_value=5)),
     st.builds(
         Grant,
         amount_nanousd=amounts,
@@ -95,14 +143,34 @@ steps = st.one_of(
             picks,
         ),
     ),
+    st.builds(
+        BackdatedGrant,
+        amount_nanousd=amounts,
+        back=st.timedeltas(min_value=timedelta(seconds=1), max_value=timedelta(days=30)),
+        pick=picks,
+    ),
     st.builds(Debit, amount_nanousd=amounts),
     st.builds(Debit, amount_nanousd=amounts),
+    st.builds(
+        DebitBatch,
+        charges=st.lists(
+            st.tuples(amounts, st.integers(min_value=0, max_value=3600)), min_size=1, max_size=4
+        ).map(tuple),
+        repeat_first=st.booleans(),
+    ),
+    st.builds(Refund, pick=picks, cents=st.integers(min_value=1, max_value=6)),
+    st.builds(DisputeOpen, pick=picks),
+    st.builds(DisputeClose, pick=picks, won=st.booleans(), unseen=st.booleans()),
     st.builds(Retry, pick=picks),
     st.builds(ExpireDue),
-    st.builds(Advance, by=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=400))),
     st.builds(
-        AdvanceToExpiry, pick=picks, offset_seconds=st.sampled_from([-1, 0, 1, 3600])
+        Advance,
+        by=st.one_of(
+            st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=2)),
+            st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=400)),
+        ),
     ),
+    st.builds(AdvanceToExpiry, pick=picks, offset_seconds=st.sampled_from([-1, 0, 1, 3600])),
 )
 starts = st.one_of(
     st.datetimes(
@@ -129,9 +197,11 @@ class Run:
         self.zone = zone
         self.now = start
         self.model = LedgerModel()
-        # Replayable operations, in order: ("purchase", session id, cents) or
-        # ("debit", request id, amount).
-        self.operations: list[tuple[str, str, int]] = []
+        # Database ids of the lots, in the model's order.
+        self.lot_ids: list[int] = []
+        # Each operation that can be delivered again, as a call that repeats it.
+        self.operations: list[Callable[[], None]] = []
+        self.dispute_ids: list[str] = []
         self.expiries_written = 0
 
     @property
@@ -139,24 +209,36 @@ class Run:
         """Return the current instant spelled in the example's zone, as a caller might."""
         return self.now.astimezone(self.zone)
 
+    def name(self, prefix: str) -> str:
+        return f"{prefix}_prop_{len(self.operations)}"
+
+    def purchase_lots(self) -> list[ModelLot]:
+        return [lot for lot in self.model.lots if lot.source == "purchase"]
+
     def apply(self, step) -> None:
         match step:
             case Purchase(cents=cents):
-                session_id = f"cs_prop_{len(self.operations)}"
-                self.operations.append(("purchase", session_id, cents))
-                self.purchase(session_id, cents)
+                self.record(self.purchase, self.name("cs"), cents)
             case Grant():
                 self.grant(step)
+            case BackdatedGrant():
+                self.grant_backdated(step)
             case Debit(amount_nanousd=amount):
-                request_id = f"req_prop_{len(self.operations)}"
-                self.operations.append(("debit", request_id, amount))
-                self.debit(request_id, amount)
+                self.record(self.debit, self.name("req"), amount)
+            case DebitBatch():
+                self.debit_batch_start(step)
+            case Refund(pick=pick, cents=cents) if self.purchase_lots():
+                lots = self.purchase_lots()
+                self.record(self.refund, self.name("re"), lots[pick % len(lots)], cents)
+            case DisputeOpen(pick=pick) if self.purchase_lots():
+                lots = self.purchase_lots()
+                dispute_id = self.name("dp")
+                self.dispute_ids.append(dispute_id)
+                self.record(self.dispute_open, dispute_id, lots[pick % len(lots)])
+            case DisputeClose(pick=pick, won=won, unseen=unseen):
+                self.dispute_close_start(pick, won, unseen)
             case Retry(pick=pick) if self.operations:
-                kind, name, value = self.operations[pick % len(self.operations)]
-                if kind == "purchase":
-                    self.purchase(name, value)
-                else:
-                    self.debit(name, value)
+                self.operations[pick % len(self.operations)]()
             case ExpireDue():
                 due = self.model.expire_due(at=self.at)
                 assert credit_lots_expire_due(at=self.at) == len(due)
@@ -169,6 +251,11 @@ class Run:
                 self.now = max(self.now, target)
         self.check()
 
+    def record(self, operation: Callable, *args) -> None:
+        """Run an operation now, and keep it so that a later step can deliver it again."""
+        self.operations.append(lambda: operation(*args))
+        operation(*args)
+
     def purchase(self, session_id: str, cents: int) -> None:
         expected = self.model.purchase(session_id=session_id, amount_cents=cents, at=self.at)
         lot, created = purchase_lot_create(
@@ -180,27 +267,38 @@ class Run:
             at=self.at,
         )
         assert created is expected.applied
+        if created:
+            self.lot_ids.append(lot.pk)
         self.check_transaction(f"checkout:{session_id}", expected)
 
     def grant(self, step: Grant) -> None:
-        key = f"grant_prop_{len(self.model.lots)}"
         expires_at = None
         if isinstance(step.expiry, timedelta):
             expires_at = self.at + step.expiry
         elif isinstance(step.expiry, int) and self.model.lots:
             earlier = self.model.lots[step.expiry % len(self.model.lots)].expires_at
             expires_at = earlier if earlier > self.now else None
-        expected = self.model.grant(
-            key=key, amount_nanousd=step.amount_nanousd, at=self.at, expires_at=expires_at
-        )
-        credit_grant(
+        self.grant_at(step.amount_nanousd, self.at, expires_at)
+
+    def grant_backdated(self, step: BackdatedGrant) -> None:
+        if not self.model.lots:
+            return
+        expires_at = self.model.lots[step.pick % len(self.model.lots)].expires_at
+        if expires_at > self.now:
+            self.grant_at(step.amount_nanousd, self.at - step.back, expires_at)
+
+    def grant_at(self, amount: int, at: datetime, expires_at: datetime | None) -> None:
+        key = f"grant_prop_{len(self.model.lots)}"
+        expected = self.model.grant(key=key, amount_nanousd=amount, at=at, expires_at=expires_at)
+        lot = credit_grant(
             account=self.account,
-            amount_nanousd=step.amount_nanousd,
+            amount_nanousd=amount,
             reason="property test",
             expires_at=expires_at,
             idempotency_key=key,
-            at=self.at,
+            at=at,
         )
+        self.lot_ids.append(lot.pk)
         self.check_transaction(key, expected)
 
     def debit(self, request_id: str, amount: int) -> None:
@@ -215,6 +313,89 @@ class Run:
         assert debit.created is expected.applied
         self.check_transaction(f"usage:{request_id}", expected)
 
+    def debit_batch_start(self, step: DebitBatch) -> None:
+        batch = self.name("batch")
+        charges = [
+            (f"{batch}_{n}", amount, self.at - timedelta(seconds=back))
+            for n, (amount, back) in enumerate(step.charges)
+        ]
+        if step.repeat_first:
+            charges.append(charges[0])
+        self.record(self.debit_batch, charges)
+
+    def debit_batch(self, charges: list[tuple[str, int, datetime]]) -> None:
+        new = self.model.debit_batch(charges=charges)
+        debits = usage_debits_apply(
+            account_id=self.account.pk,
+            charges=[
+                UsageCharge(request_id=request_id, amount_nanousd=amount, at=at)
+                for request_id, amount, at in charges
+            ],
+        )
+        assert [debit.created for debit in debits] == new
+        for (request_id, _amount, _at), debit in zip(charges, debits, strict=True):
+            key = f"usage:{request_id}"
+            assert debit.transaction.idempotency_key == key
+            self.check_transaction(key, self.model.applied[key])
+
+    def lot_id(self, lot: ModelLot) -> int:
+        return self.lot_ids[lot.index]
+
+    def refund(self, refund_id: str, lot: ModelLot, cents: int) -> None:
+        expected = self.model.refund(refund_id=refund_id, lot=lot, amount_cents=cents, at=self.at)
+        _record, created = lot_refund_apply(
+            lot_id=self.lot_id(lot),
+            refund_id=refund_id,
+            charge_id=f"ch_{lot.session_id}",
+            amount_cents=cents,
+            at=self.at,
+        )
+        assert created is expected.applied
+        self.check_transaction(f"refund:{refund_id}", expected)
+
+    def dispute_open(self, dispute_id: str, lot: ModelLot) -> None:
+        expected = self.model.dispute_open(dispute_id=dispute_id, lot=lot, at=self.at)
+        _record, created = lot_dispute_open(
+            lot_id=self.lot_id(lot),
+            dispute_id=dispute_id,
+            charge_id=f"ch_{lot.session_id}",
+            amount_cents=lot.original_nanousd // CENT,
+            at=self.at,
+        )
+        assert created is expected.applied
+        if created:
+            self.check_transaction(f"dispute:{dispute_id}:freeze", expected)
+
+    def dispute_close_start(self, pick: int, won: bool, unseen: bool) -> None:
+        if unseen or not self.dispute_ids:
+            lots = self.purchase_lots()
+            if not lots:
+                return
+            dispute_id = self.name("dp")
+            self.dispute_ids.append(dispute_id)
+            lot = lots[pick % len(lots)]
+            # Its opening can be delivered later, by a retry; it must change nothing.
+            self.operations.append(lambda: self.dispute_open(dispute_id, lot))
+        else:
+            dispute_id = self.dispute_ids[pick % len(self.dispute_ids)]
+            lot = self.model.disputes[dispute_id].lot
+        self.record(self.dispute_close, dispute_id, lot, won)
+
+    def dispute_close(self, dispute_id: str, lot: ModelLot, won: bool) -> None:
+        expected = self.model.dispute_close(dispute_id=dispute_id, lot=lot, won=won, at=self.at)
+        _record, created = lot_dispute_close(
+            lot_id=self.lot_id(lot),
+            dispute_id=dispute_id,
+            charge_id=f"ch_{lot.session_id}",
+            amount_cents=lot.original_nanousd // CENT,
+            won=won,
+            at=self.at,
+        )
+        assert created is expected.applied
+        if created:
+            outcome = "won" if won else "lost"
+            self.check_transaction(f"dispute:{dispute_id}:{outcome}", expected)
+
     def check_transaction(self, key: str, expected: Outcome) -> None:
         written = LedgerTransaction.objects.get(idempotency_key=key)
         assert (written.amount_nanousd, written.balance_after_nanousd) == (
@@ -223,7 +404,7 @@ class Run:
         )
 
     def check(self) -> None:
-        """Compare balance, debt and every lot with the model; check the invariants."""
+        """Compare balance, debt, lots and disputes with the model; check the invariants."""
         model = self.model
         self.account.refresh_from_db()
         assert self.account.debt_nanousd == model.debt_nanousd
@@ -237,6 +418,7 @@ class Run:
         assert [
             (
                 lot.source,
+                lot.status,
                 lot.original_nanousd,
                 lot.remaining_nanousd,
                 lot.created_at,
@@ -248,6 +430,7 @@ class Run:
         ] == [
             (
                 lot.source,
+                lot.status,
                 lot.original_nanousd,
                 lot.remaining_nanousd,
                 lot.created_at,
@@ -257,6 +440,12 @@ class Run:
             )
             for lot in model.lots
         ]
+        if model.disputes:
+            assert dict(
+                LotDispute.objects.filter(account=self.account).values_list(
+                    "stripe_dispute_id", "status"
+                )
+            ) == {dispute_id: dispute.status for dispute_id, dispute in model.disputes.items()}
         assert (
             LedgerTransaction.objects.filter(account=self.account).count()
             == len(model.applied) + self.expiries_written
@@ -265,14 +454,52 @@ class Run:
 
 
 @settings(
-    max_examples=70,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@example(
+    start=datetime(2025, 11, 2, 1, 30, fold=1, tzinfo=ZoneInfo("America/Los_Angeles")),
+    zone=ZoneInfo("America/Los_Angeles"),
+    sequence=[
+        Purchase(cents=1),
+        Grant(amount_nanousd=CENT, expiry=timedelta(hours=1)),
+        Debit(amount_nanousd=CENT + 5),
+        AdvanceToExpiry(pick=1, offset_seconds=-1),
+        Debit(amount_nanousd=7),
+        AdvanceToExpiry(pick=1, offset_seconds=0),
+        Debit(amount_nanousd=9),
+        ExpireDue(),
+        Retry(pick=2),
+        Purchase(cents=2),
+    ],
+)
+@example(
+    start=datetime(2026, 4, 1, 8, 0, tzinfo=UTC),
+    zone=ZoneInfo("Asia/Kolkata"),
+    sequence=[
+        Purchase(cents=3),
+        Purchase(cents=2),
+        DisputeOpen(pick=0),
+        DisputeOpen(pick=0),
+        Debit(amount_nanousd=2 * CENT + 1),
+        Refund(pick=0, cents=1),
+        DisputeClose(pick=0, won=True, unseen=False),
+        DisputeClose(pick=1, won=True, unseen=False),
+        DisputeClose(pick=1, won=False, unseen=True),
+        Retry(pick=7),
+        DebitBatch(charges=((CENT, 60), (5, 0)), repeat_first=True),
+        Retry(pick=9),
+        Purchase(cents=4),
+    ],
 )
 @given(
     start=starts,
     zone=st.sampled_from(ZONES).map(ZoneInfo),
-    sequence=st.lists(steps, min_size=1, max_size=30),
+    # Drawing the length first spreads it evenly; a plain list would be mostly short.
+    sequence=st.integers(min_value=1, max_value=30).flatmap(
+        lambda size: st.lists(steps, min_size=size, max_size=size)
+    ),
 )
 def test_random_operations_match_the_reference_model_after_every_step(
     owner, start, zone, sequence

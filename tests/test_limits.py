@@ -1,18 +1,17 @@
-"""Per-key limits: requests per minute, spend limits per UTC period, holds and rebuilds.
+"""Per-key limits: requests per minute, spend limits per UTC period, reservations, rebuilds.
 
 Every store-level test runs twice, against Redis (the database REDIS_URL names) and
 against the in-process store used without Redis, so both keep the same semantics.
 """
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
-from django.db import connections
 from django.test import Client
 from django.urls import reverse
 
+from credits.services import credit_grant
 from gateway import limits
 from gateway.errors import GatewayError
 from gateway.limits import (
@@ -27,7 +26,12 @@ from gateway.limits import (
 )
 from gateway.models import AccessKey, UsageRecord
 from gateway.pricing import Price
-from gateway.services import KeyIdentity, access_key_authenticate, access_key_create
+from gateway.services import (
+    AccessKeyError,
+    KeyIdentity,
+    access_key_authenticate,
+    access_key_create,
+)
 
 # USD 1.00 input, 4.00 output, 0.10 cache read and 1.25 cache write per million tokens.
 PRICE = Price(
@@ -50,7 +54,9 @@ def store(request, settings):
     elif not settings.REDIS_URL:
         pytest.skip("REDIS_URL is not set")
     selected = limits_store()
-    assert isinstance(selected, limits.RedisLimits if request.param == "redis" else limits.LocalLimits)
+    assert isinstance(
+        selected, limits.RedisLimits if request.param == "redis" else limits.LocalLimits
+    )
     selected.clear()
     yield selected
     selected.clear()
@@ -123,7 +129,7 @@ def error_parts(error: GatewayError) -> tuple:
         ({**PLAIN, "max_tokens": "100"}, PRICE, 0),
     ],
 )
-def test_worst_case_cost_counts_estimated_input_and_the_output_limit(body, price, expected):
+def test_worst_case_cost_per_body(body, price, expected):
     assert worst_case_cost(body=body, price=price) == expected
 
 
@@ -133,26 +139,39 @@ def test_worst_case_cost_counts_estimated_input_and_the_output_limit(body, price
 @pytest.mark.parametrize(
     ("period", "at", "start", "end"),
     [
-        ("daily", datetime(2025, 3, 4, 23, 59, 59, 999999, tzinfo=UTC), (2025, 3, 4), (2025, 3, 5)),
+        (
+            "daily",
+            datetime(2025, 3, 4, 23, 59, 59, 999999, tzinfo=UTC),
+            (2025, 3, 4),
+            (2025, 3, 5),
+        ),
         ("daily", datetime(2025, 3, 5, tzinfo=UTC), (2025, 3, 5), (2025, 3, 6)),
         # Weeks start on Monday: 2025-03-10 is one, and so is 2024-12-30.
-        ("weekly", datetime(2025, 3, 9, 23, 59, 59, 999999, tzinfo=UTC), (2025, 3, 3), (2025, 3, 10)),
+        (
+            "weekly",
+            datetime(2025, 3, 9, 23, 59, 59, 999999, tzinfo=UTC),
+            (2025, 3, 3),
+            (2025, 3, 10),
+        ),
         ("weekly", datetime(2025, 3, 10, tzinfo=UTC), (2025, 3, 10), (2025, 3, 17)),
         ("weekly", datetime(2025, 1, 1, 8, tzinfo=UTC), (2024, 12, 30), (2025, 1, 6)),
-        ("monthly", datetime(2025, 2, 28, 23, 59, 59, 999999, tzinfo=UTC), (2025, 2, 1), (2025, 3, 1)),
+        (
+            "monthly",
+            datetime(2025, 2, 28, 23, 59, 59, 999999, tzinfo=UTC),
+            (2025, 2, 1),
+            (2025, 3, 1),
+        ),
         ("monthly", datetime(2024, 12, 31, 23, 0, tzinfo=UTC), (2024, 12, 1), (2025, 1, 1)),
         # A time in another zone is placed by its UTC instant.
         (
             "daily",
-            datetime(2025, 3, 5, 0, 30, tzinfo=UTC).astimezone(
-                datetime(2025, 1, 1, tzinfo=UTC).astimezone().tzinfo
-            ),
+            datetime(2025, 3, 4, 19, 30, tzinfo=dt_timezone(timedelta(hours=-5))),
             (2025, 3, 5),
             (2025, 3, 6),
         ),
     ],
 )
-def test_spend_period_is_a_utc_calendar_period(period, at, start, end):
+def test_spend_period_utc_bounds(period, at, start, end):
     found = spend_period(period=period, at=at)
     assert (found.start, found.end) == (datetime(*start, tzinfo=UTC), datetime(*end, tzinfo=UTC))
 
@@ -165,7 +184,7 @@ def test_lifetime_spend_period_has_no_bounds():
 # Requests per minute
 
 
-def test_requests_per_minute_slide_over_sixty_seconds(store, funded):
+def test_rpm_window_slides(store, funded):
     identity = limited_key(funded, requests_per_minute=3)
     for offset in (0, 10, 20):
         assert isinstance(attempt(identity, at=T0 + timedelta(seconds=offset)), Reservation)
@@ -191,7 +210,7 @@ def test_requests_per_minute_slide_over_sixty_seconds(store, funded):
     assert isinstance(attempt(identity, at=T0 + timedelta(seconds=70)), Reservation)
 
 
-def test_requests_per_minute_are_counted_per_key(store, funded):
+def test_rpm_counted_per_key(store, funded):
     limited = limited_key(funded, requests_per_minute=1)
     other = limited_key(funded, requests_per_minute=1)
     assert isinstance(attempt(limited, at=T0), Reservation)
@@ -199,7 +218,7 @@ def test_requests_per_minute_are_counted_per_key(store, funded):
     assert attempt(limited, at=T0).status == 429
 
 
-def test_singular_request_per_minute_reads_well(store, funded):
+def test_rpm_message_singular(store, funded):
     identity = limited_key(funded, requests_per_minute=1)
     attempt(identity, at=T0)
     assert attempt(identity, at=T0 + timedelta(seconds=15)).message == (
@@ -236,7 +255,7 @@ def test_singular_request_per_minute_reads_well(store, funded):
         ),
     ],
 )
-def test_spend_limit_resets_at_the_period_boundary(
+def test_spend_limit_resets_at_boundary(
     store, funded, period, start, last_moment, next_start, label
 ):
     identity = limited_key(funded, spend_limit_nanousd=1_000_000, spend_limit_period=period)
@@ -274,7 +293,7 @@ def test_lifetime_spend_limit_never_resets(store, funded):
     )
 
 
-def test_spend_below_the_limit_admits_a_request_without_max_tokens(store, funded):
+def test_spend_below_limit_admits_uncapped(store, funded):
     identity = limited_key(funded, spend_limit_nanousd=1_000_000, spend_limit_period="daily")
     spend(identity, 999_999, at=T0)
 
@@ -292,10 +311,8 @@ def test_spend_below_the_limit_admits_a_request_without_max_tokens(store, funded
     )
 
 
-def test_spend_limit_counts_holds_of_requests_in_flight(store, funded):
-    identity = limited_key(
-        funded, spend_limit_nanousd=2 * WORST - 1, spend_limit_period="monthly"
-    )
+def test_spend_limit_counts_inflight_holds(store, funded):
+    identity = limited_key(funded, spend_limit_nanousd=2 * WORST - 1, spend_limit_period="monthly")
     first = attempt(identity, at=T0, body=CAPPED)
     assert isinstance(first, Reservation)
     assert first.hold_nanousd == WORST
@@ -321,7 +338,7 @@ def test_spend_limit_counts_holds_of_requests_in_flight(store, funded):
     assert isinstance(attempt(identity, at=T0, body=CAPPED), Reservation)
 
 
-def test_keys_without_a_spend_limit_hold_only_on_the_account(store, funded):
+def test_unlimited_key_holds_on_account(store, funded):
     identity = limited_key(funded)
     reservation = attempt(identity, at=T0, body=CAPPED)
 
@@ -333,7 +350,7 @@ def test_keys_without_a_spend_limit_hold_only_on_the_account(store, funded):
 # Rebuilds and expiry
 
 
-def test_spend_counter_is_rebuilt_from_usage_records_after_a_flush(store, funded):
+def test_spend_counter_rebuilt_after_flush(store, funded):
     identity = limited_key(funded, spend_limit_nanousd=1_000_000, spend_limit_period="daily")
     spend(identity, 700_000, at=T0)
     spend(identity, 300_000, at=T0 + timedelta(minutes=5))
@@ -348,19 +365,27 @@ def test_spend_counter_is_rebuilt_from_usage_records_after_a_flush(store, funded
     else:
         store.clear()
     slug = spend_period(period="daily", at=T0).slug
-    assert store.spend_counted(account_id=identity.account_id, key_id=identity.key_id, spend_slug=slug) is None
+    assert (
+        store.spend_counted(
+            account_id=identity.account_id, key_id=identity.key_id, spend_slug=slug
+        )
+        is None
+    )
 
     rejected = attempt(identity, at=T0 + timedelta(minutes=10))
 
     assert rejected.message.startswith(
         "This access key has reached its daily spend limit of USD 0.001: USD 0.001 spent."
     )
-    assert store.spend_counted(
-        account_id=identity.account_id, key_id=identity.key_id, spend_slug=slug
-    ) == 1_000_000
+    assert (
+        store.spend_counted(
+            account_id=identity.account_id, key_id=identity.key_id, spend_slug=slug
+        )
+        == 1_000_000
+    )
 
 
-def test_counter_rebuilt_after_a_flush_keeps_counting_settlements(store, funded):
+def test_rebuilt_counter_keeps_counting(store, funded):
     identity = limited_key(funded, spend_limit_nanousd=1_000_000, spend_limit_period="monthly")
     spend(identity, 400_000, at=T0)
     limits_store().clear()
@@ -373,7 +398,7 @@ def test_counter_rebuilt_after_a_flush_keeps_counting_settlements(store, funded)
     assert attempt(identity, at=T0).code == "spend_limit_exceeded"
 
 
-def test_holds_lapse_after_their_ttl(store, funded, settings):
+def test_holds_lapse_after_ttl(store, funded, settings):
     settings.GATEWAY_RESERVATION_TTL_SECONDS = 30
     identity = limited_key(funded, spend_limit_nanousd=WORST, spend_limit_period="daily")
     assert isinstance(attempt(identity, at=T0, body=CAPPED), Reservation)
@@ -390,9 +415,7 @@ def test_holds_lapse_after_their_ttl(store, funded, settings):
 # Account credit
 
 
-def test_credit_held_by_requests_in_flight_is_not_spent_twice(store, owner, settings):
-    from credits.services import credit_grant
-
+def test_held_credit_not_spent_twice(store, owner, settings):
     credit_grant(account=owner.account, amount_nanousd=2 * WORST, reason="test")
     identity = limited_key(owner)
     assert isinstance(attempt(identity, at=T0, body=CAPPED), Reservation)
@@ -403,7 +426,7 @@ def test_credit_held_by_requests_in_flight_is_not_spent_twice(store, owner, sett
         402,
         "insufficient_quota",
         "insufficient_quota",
-        "Out of credit: the balance is USD 0.0014808, of which USD 0.0014808 is held for "
+        "Not enough credit: the balance is USD 0.0014808, of which USD 0.0014808 is held for "
         "requests in flight, and this request may cost up to USD 0.0007404 (its input "
         "estimate and max_tokens at the model's prices); lower max_tokens or buy credits at "
         f"{settings.PUBLIC_URL}/credits/ or with POST /api/credits/checkout-session.",
@@ -411,7 +434,191 @@ def test_credit_held_by_requests_in_flight_is_not_spent_twice(store, owner, sett
     )
     # Without max_tokens nothing is held, but nothing is left either.
     assert attempt(identity, at=T0).message == (
-        "Out of credit: the balance is USD 0.0014808, of which USD 0.0014808 is held for "
+        "Not enough credit: the balance is USD 0.0014808, of which USD 0.0014808 is held for "
         "requests in flight; retry when they finish or buy credits at "
         f"{settings.PUBLIC_URL}/credits/ or with POST /api/credits/checkout-session."
     )
+
+
+# Creating keys with limits
+
+BAD_SPEND_LIMIT = "spend_limit must be more than USD 0 and at most USD 1,000,000."
+BAD_RPM = "requests_per_minute must be a whole number from 1 to 1000000."
+
+
+def test_identity_carries_key_limits(owner):
+    created = access_key_create(
+        account=owner.account,
+        name="limited",
+        spend_limit_nanousd=25_000_000_000,
+        spend_limit_period="weekly",
+        requests_per_minute=60,
+    )
+
+    fresh = access_key_authenticate(raw_key=created.raw_key)
+    cached = access_key_authenticate(raw_key=created.raw_key)
+
+    for identity in (fresh, cached):
+        assert (
+            identity.spend_limit_nanousd,
+            identity.spend_limit_period,
+            identity.requests_per_minute,
+        ) == (25_000_000_000, "weekly", 60)
+
+
+@pytest.mark.parametrize(
+    ("key_limits", "message"),
+    [
+        ({"spend_limit_nanousd": 0}, BAD_SPEND_LIMIT),
+        (
+            {"spend_limit_nanousd": 10**15 + 1},
+            BAD_SPEND_LIMIT,
+        ),
+        ({"spend_limit_nanousd": True}, BAD_SPEND_LIMIT),
+        (
+            {"spend_limit_nanousd": 1000, "spend_limit_period": "hourly"},
+            "spend_limit_period must be one of daily, weekly, monthly, never.",
+        ),
+        ({"spend_limit_period": "daily"}, "spend_limit_period needs a spend_limit."),
+        ({"requests_per_minute": 0}, BAD_RPM),
+        (
+            {"requests_per_minute": 1_000_001},
+            BAD_RPM,
+        ),
+        ({"requests_per_minute": 2.5}, BAD_RPM),
+    ],
+)
+def test_key_create_rejects_invalid_limits(owner, key_limits, message):
+    with pytest.raises(AccessKeyError) as error:
+        access_key_create(account=owner.account, name="bad", **key_limits)
+
+    assert str(error.value) == message
+    assert AccessKey.objects.for_account(owner.account).count() == 1
+
+
+def test_api_key_with_limits(owner):
+    response = owner.api().post(
+        "/api/keys",
+        {
+            "name": "ci",
+            "spend_limit_usd": "25.00",
+            "spend_limit_period": "monthly",
+            "requests_per_minute": 60,
+        },
+        format="json",
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    limits_shown = {
+        "spend_limit_usd": "25.000000000",
+        "spend_limit_nanousd": 25_000_000_000,
+        "spend_limit_period": "monthly",
+        "requests_per_minute": 60,
+    }
+    assert {name: body[name] for name in limits_shown} == limits_shown
+    stored = AccessKey.objects.get(pk=body["id"])
+    assert (
+        stored.spend_limit_nanousd,
+        stored.spend_limit_period,
+        stored.requests_per_minute,
+    ) == (25_000_000_000, "monthly", 60)
+    listed = {key["id"]: key for key in owner.api().get("/api/keys").json()}
+    assert {name: listed[stored.pk][name] for name in limits_shown} == limits_shown
+    assert {name: listed[owner.key.access_key.pk][name] for name in limits_shown} == {
+        "spend_limit_usd": None,
+        "spend_limit_nanousd": None,
+        "spend_limit_period": "never",
+        "requests_per_minute": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"spend_limit_usd": "ten"}, "spend_limit_usd: 'ten' is not a USD amount such as 10.00."),
+        (
+            {"spend_limit_usd": "0.0000000001"},
+            "spend_limit_usd: '0.0000000001' has more than nine decimal places.",
+        ),
+        ({"spend_limit_usd": "0"}, BAD_SPEND_LIMIT),
+        (
+            {"spend_limit_usd": "1000000.01"},
+            BAD_SPEND_LIMIT,
+        ),
+        ({"spend_limit_period": "daily"}, "spend_limit_period needs a spend_limit."),
+        (
+            {"spend_limit_usd": "5", "spend_limit_period": "hourly"},
+            'spend_limit_period: "hourly" is not a valid choice.',
+        ),
+        (
+            {"requests_per_minute": 0},
+            "requests_per_minute: Ensure this value is greater than or equal to 1.",
+        ),
+    ],
+)
+def test_api_rejects_invalid_limits(owner, payload, message):
+    response = owner.api().post("/api/keys", {"name": "bad", **payload}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == message
+    assert AccessKey.objects.for_account(owner.account).count() == 1
+
+
+@pytest.fixture
+def owner_client(owner) -> Client:
+    client = Client()
+    client.force_login(owner.user)
+    return client
+
+
+def test_key_form_with_limits(owner, owner_client):
+    response = owner_client.post(
+        reverse("key-create"),
+        {
+            "name": "ci",
+            "scopes": ["inference"],
+            "spend_limit": "25.00",
+            "spend_limit_period": "monthly",
+            "requests_per_minute": "60",
+        },
+    )
+
+    assert response.status_code == 201
+    stored = AccessKey.objects.get(name="ci")
+    assert (
+        stored.spend_limit_nanousd,
+        stored.spend_limit_period,
+        stored.requests_per_minute,
+    ) == (25_000_000_000, "monthly", 60)
+    listing = owner_client.get(reverse("keys")).content.decode()
+    assert "<td>$25.00 a month, 60 requests/min</td>" in listing
+    assert "<td>None</td>" in listing
+
+
+def test_key_form_period_without_limit(owner, owner_client):
+    owner_client.post(
+        reverse("key-create"),
+        {"name": "ci", "scopes": ["inference"], "spend_limit_period": "daily"},
+    )
+
+    stored = AccessKey.objects.get(name="ci")
+    assert (stored.spend_limit_nanousd, stored.spend_limit_period) == (None, "never")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"spend_limit": "lots"}, "&#x27;lots&#x27; is not a USD amount such as 10.00."),
+        ({"spend_limit": "0"}, "Enter an amount above 0, such as 25.00."),
+        ({"requests_per_minute": "0"}, "Ensure this value is greater than or equal to 1."),
+    ],
+)
+def test_key_form_rejects_invalid_limits(owner, owner_client, data, message):
+    response = owner_client.post(
+        reverse("key-create"), {"name": "bad", "scopes": ["inference"], **data}
+    )
+
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    assert AccessKey.objects.for_account(owner.account).count() == 1

@@ -30,6 +30,12 @@ LOW_BALANCE_THRESHOLD_MAX_NANOUSD = 1_000_000 * NANOUSD_PER_USD
 ALERT_ROLES = (Membership.Role.OWNER, Membership.Role.ADMIN)
 
 
+def _usd(nanousd: int) -> str:
+    """Format for an email: "$4.50", "-$2.50", or up to nine places when not whole cents."""
+    text = format_usd_short(nanousd)
+    return f"-${text[1:]}" if text.startswith("-") else f"${text}"
+
+
 def alert_recipients(*, account_id: int) -> list[str]:
     """Return the email addresses of the account's active owners and admins."""
     return list(
@@ -59,8 +65,9 @@ def account_low_balance_threshold_set(
 ) -> Account:
     """Set the balance below which owners and admins get an email; None turns it off.
 
-    Re-arms the alert. When the balance is already below the new threshold, the check
-    runs once this commits, so the email goes out at once rather than with the next charge.
+    A new threshold re-arms the alert; when the balance is already below it, the check
+    runs once this commits, so the email goes out at once rather than with the next
+    charge. Setting the threshold it already has changes nothing.
     """
     if threshold_nanousd is not None and (
         isinstance(threshold_nanousd, bool)
@@ -69,6 +76,8 @@ def account_low_balance_threshold_set(
     ):
         raise CreditsError("The low-balance threshold must be from USD 0 to USD 1,000,000.")
     locked = locked_account(account.pk)
+    if locked.low_balance_threshold_nanousd == threshold_nanousd:
+        return locked
     locked.low_balance_threshold_nanousd = threshold_nanousd
     locked.low_balance_alerted_at = None
     locked.save(update_fields=["low_balance_threshold_nanousd", "low_balance_alerted_at"])
@@ -103,9 +112,9 @@ def account_low_balance_check(*, account_id: int, at: datetime | None = None) ->
 
     context = {
         "account": account,
-        "balance": format_usd_short(balance.balance_nanousd),
-        "threshold": format_usd_short(account.low_balance_threshold_nanousd or 0),
-        "debt": format_usd_short(balance.debt_nanousd),
+        "balance": _usd(balance.balance_nanousd),
+        "threshold": _usd(account.low_balance_threshold_nanousd or 0),
+        "debt": _usd(balance.debt_nanousd),
         "has_debt": balance.debt_nanousd > 0,
         "credits_url": f"{settings.PUBLIC_URL}/credits/",
     }
@@ -167,7 +176,7 @@ def credit_lot_expiry_reminder_send(*, lot_id: int, at: datetime | None = None) 
     context = {
         "account": lot.account,
         "lot": lot,
-        "remaining": format_usd_short(lot.remaining_nanousd),
+        "remaining": _usd(lot.remaining_nanousd),
         "expires_at": lot.expires_at,
         "credits_url": f"{settings.PUBLIC_URL}/credits/",
     }

@@ -87,13 +87,27 @@ def _session_account_id(session: Mapping) -> int | None:
     return None
 
 
+def _session_payment_ids(session: Mapping) -> tuple[str, str]:
+    """Return the payment intent id and charge id of a session ("" when absent)."""
+    payment_intent = session.get("payment_intent") or ""
+    if isinstance(payment_intent, str):
+        return payment_intent, ""
+    charge = payment_intent.get("latest_charge") or ""
+    if not isinstance(charge, str):
+        charge = charge.get("id", "")
+    return payment_intent.get("id", ""), charge
+
+
 def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
     """Turn a paid Checkout Session into exactly one lot.
 
     Reads amount, currency and payment status from the session as retrieved from Stripe,
-    never from the caller. Returns None while the session is unpaid.
+    never from the caller, and records the payment intent and charge on the lot, so that
+    refunds and disputes find it. Returns None while the session is unpaid.
     """
-    session = stripe.checkout.Session.retrieve(session_id, **_stripe_options())
+    session = stripe.checkout.Session.retrieve(
+        session_id, expand=["payment_intent"], **_stripe_options()
+    )
     if session.get("payment_status") != "paid":
         logger.info("Checkout session not paid yet, status %s", session.get("payment_status"))
         return None
@@ -102,17 +116,47 @@ def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
     account_id = _session_account_id(session)
     if account_id is None:
         raise CreditsError("The checkout session does not belong to a Tollbooth account.")
-    payment_intent = session.get("payment_intent") or ""
-    if not isinstance(payment_intent, str):
-        payment_intent = payment_intent.get("id", "")
-    lot, _created = purchase_lot_create(
-        account_id=account_id,
-        session_id=session["id"],
-        amount_cents=int(session["amount_total"]),
-        currency="usd",
-        payment_intent_id=payment_intent,
-    )
+    payment_intent_id, charge_id = _session_payment_ids(session)
+    # One transaction: the account lock taken inside is held until the charge id is set.
+    with transaction.atomic():
+        lot, _created = purchase_lot_create(
+            account_id=account_id,
+            session_id=session["id"],
+            amount_cents=int(session["amount_total"]),
+            currency="usd",
+            payment_intent_id=payment_intent_id,
+        )
+        if charge_id and not lot.stripe_charge_id:
+            CreditLot.objects.filter(pk=lot.pk).update(stripe_charge_id=charge_id)
+            lot.stripe_charge_id = charge_id
     return lot
+
+
+def checkout_session_fail(*, session_id: str) -> CheckoutPurchase | None:
+    """Mark the purchase of a session whose delayed payment failed; it never becomes a lot.
+
+    Reads the payment status from the session as retrieved from Stripe: a session that
+    is paid after all is left alone, and so is a purchase that is no longer open. Returns
+    the purchase, or None when Tollbooth did not start the session.
+    """
+    session = stripe.checkout.Session.retrieve(session_id, **_stripe_options())
+    with transaction.atomic():
+        purchase = (
+            CheckoutPurchase.objects.select_for_update()
+            .filter(stripe_session_id=session_id)
+            .first()
+        )
+        if purchase is None:
+            logger.warning("Failed payment of a checkout session Tollbooth did not start")
+            return None
+        if session.get("payment_status") == "paid":
+            logger.warning("Checkout purchase %s reported failed but is paid", purchase.pk)
+            return purchase
+        if purchase.status == CheckoutPurchase.Status.OPEN:
+            purchase.status = CheckoutPurchase.Status.FAILED
+            purchase.save(update_fields=["status"])
+            logger.info("Checkout purchase %s failed", purchase.pk)
+    return purchase
 
 
 def checkout_sessions_reconcile(*, at: datetime | None = None) -> int:

@@ -25,6 +25,8 @@ from credits.money import nanousd_from_cents
 logger = logging.getLogger(__name__)
 
 BALANCE_CACHE_KEY = "credits:balance:{account_id}"
+# Bumped by every ledger write; a balance cached under an older generation is never served.
+BALANCE_GENERATION_KEY = "credits:balance-generation:{account_id}"
 
 
 class CreditsError(Exception):
@@ -66,18 +68,26 @@ def account_balance(*, account_id: int, at: datetime | None = None) -> Balance:
 
 
 def account_balance_cached(*, account_id: int) -> int:
-    """Return the balance in nano-dollars, from the cache while no lot has expired since."""
+    """Return the balance in nano-dollars, from the cache while no lot has expired since.
+
+    The generation is read before the database: a balance computed just before a ledger
+    write commits is cached under the generation that write then bumps, so it is never
+    served, although it lands in the cache after the write's eviction.
+    """
     key = BALANCE_CACHE_KEY.format(account_id=account_id)
+    generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
     now = timezone.now()
-    cached = cache.get(key)
+    found = cache.get_many([key, generation_key])
+    generation = found.get(generation_key, 0)
+    cached = found.get(key)
     if cached is not None:
-        balance_nanousd, valid_until = cached
-        if valid_until is None or now < valid_until:
+        balance_nanousd, valid_until, cached_generation = cached
+        if cached_generation == generation and (valid_until is None or now < valid_until):
             return balance_nanousd
     balance = account_balance(account_id=account_id, at=now)
     cache.set(
         key,
-        (balance.balance_nanousd, balance.next_expiry_at),
+        (balance.balance_nanousd, balance.next_expiry_at, generation),
         timeout=settings.GATEWAY_AUTH_CACHE_SECONDS,
     )
     return balance.balance_nanousd
@@ -85,7 +95,14 @@ def account_balance_cached(*, account_id: int) -> int:
 
 def balance_cache_evict_on_commit(account_id: int) -> None:
     key = BALANCE_CACHE_KEY.format(account_id=account_id)
-    transaction.on_commit(lambda: cache.delete(key))
+    generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
+
+    def evict() -> None:
+        cache.add(generation_key, 0, timeout=None)
+        cache.incr(generation_key)
+        cache.delete(key)
+
+    transaction.on_commit(evict)
 
 
 def locked_account(account_id: int) -> Account:
@@ -135,11 +152,18 @@ def transaction_record(
         if amount != 0
     )
     balance_cache_evict_on_commit(account.pk)
-    # Free unless the alert state must change: the check and its email run in Celery.
-    if account.low_balance_alert_due(balance_nanousd=balance_after):
+    low_balance_check_queue(account=account, balance_nanousd=balance_after)
+    return ledger_transaction
+
+
+def low_balance_check_queue(*, account: Account, balance_nanousd: int) -> None:
+    """Queue the low-balance check when the alert state must change; free otherwise.
+
+    The check and its email run in Celery after the transaction commits.
+    """
+    if account.low_balance_alert_due(balance_nanousd=balance_nanousd):
         check = credit_tasks.account_low_balance_check
         transaction.on_commit(lambda: check.delay(account.pk), robust=True)
-    return ledger_transaction
 
 
 def lot_open(
@@ -237,6 +261,16 @@ class Debit:
     created: bool
 
 
+@dataclass(frozen=True)
+class UsageCharge:
+    """One request's cost, to be drawn from an account's lots."""
+
+    request_id: str
+    amount_nanousd: int
+    at: datetime
+    description: str = ""
+
+
 def usage_debit(
     *,
     account_id: int,
@@ -250,76 +284,121 @@ def usage_debit(
     Draws from the lot that expires soonest (then oldest, then lowest id), one entry per
     lot touched; whatever the lots cannot cover becomes debt.
     """
-    if amount_nanousd <= 0:
-        raise CreditsError("A debit must be a positive amount.")
-    key = f"usage:{request_id}"
+    charge = UsageCharge(
+        request_id=request_id,
+        amount_nanousd=amount_nanousd,
+        at=at or timezone.now(),
+        description=description,
+    )
     try:
-        with transaction.atomic():
-            return _usage_debit_locked(
-                account_id=account_id,
-                key=key,
-                request_id=request_id,
-                amount_nanousd=amount_nanousd,
-                description=description,
-                at=at or timezone.now(),
-            )
+        return usage_debits_apply(account_id=account_id, charges=[charge])[0]
     except IntegrityError:
         # A concurrent debit of the same request id won the race on the unique key.
-        existing = existing_transaction(key)
+        existing = existing_transaction(f"usage:{request_id}")
         if existing is None:
             raise
         return Debit(transaction=existing, created=False)
 
 
-def _usage_debit_locked(
-    *,
-    account_id: int,
-    key: str,
-    request_id: str,
-    amount_nanousd: int,
-    description: str,
-    at: datetime,
-) -> Debit:
-    account = locked_account(account_id)
-    existing = existing_transaction(key)
-    if existing is not None:
-        return Debit(transaction=existing, created=False)
+@transaction.atomic
+def usage_debits_apply(*, account_id: int, charges: list[UsageCharge]) -> list[Debit]:
+    """Charge several requests of one account under one lock, once per request id.
 
-    # 1. Draw down spendable lots in order.
-    entries: list[tuple[CreditLot | None, int]] = []
-    outstanding = amount_nanousd
-    lots = (
+    The gateway meters in batches; this costs about eight queries however many charges
+    there are. Charges are applied in order of `at`, each as `usage_debit` describes,
+    and the debits are returned in the order given.
+    """
+    for charge in charges:
+        if charge.amount_nanousd <= 0:
+            raise CreditsError("A debit must be a positive amount.")
+    account = locked_account(account_id)
+    keys = {charge.request_id: f"usage:{charge.request_id}" for charge in charges}
+    done = {
+        ledger_transaction.idempotency_key: ledger_transaction
+        for ledger_transaction in LedgerTransaction.objects.filter(
+            idempotency_key__in=keys.values()
+        )
+    }
+
+    # 1. Draw each new charge from the lots, in memory; the rest becomes debt.
+    earliest = min(charge.at for charge in charges)
+    lots = list(
         CreditLot.objects.select_for_update()
         .filter(account=account, remaining_nanousd__gt=0)
-        .spendable(at=at)
+        .spendable(at=earliest)
         .draw_down_order()
     )
-    for lot in lots:
-        if outstanding == 0:
-            break
-        take = min(lot.remaining_nanousd, outstanding)
-        lot.remaining_nanousd -= take
-        lot.save(update_fields=["remaining_nanousd"])
-        entries.append((lot, -take))
-        outstanding -= take
+    debt_before = account.debt_nanousd
+    touched: dict[int, CreditLot] = {}
+    pending: list[tuple[LedgerTransaction, list[tuple[CreditLot | None, int]]]] = []
+    for charge in sorted(charges, key=lambda item: (item.at, item.request_id)):
+        key = keys[charge.request_id]
+        if key in done:
+            continue
+        outstanding = charge.amount_nanousd
+        entries: list[tuple[CreditLot | None, int]] = []
+        for lot in lots:
+            if outstanding == 0:
+                break
+            if lot.remaining_nanousd == 0 or charge.at >= lot.expires_at:
+                continue
+            take = min(lot.remaining_nanousd, outstanding)
+            lot.remaining_nanousd -= take
+            touched[lot.pk] = lot
+            entries.append((lot, -take))
+            outstanding -= take
+        if outstanding:
+            account.debt_nanousd += outstanding
+            entries.append((None, -outstanding))
+        balance_after = (
+            sum(lot.remaining_nanousd for lot in lots if charge.at < lot.expires_at)
+            - account.debt_nanousd
+        )
+        ledger_transaction = LedgerTransaction(
+            account=account,
+            kind=LedgerTransaction.Kind.USAGE,
+            idempotency_key=key,
+            amount_nanousd=-charge.amount_nanousd,
+            balance_after_nanousd=balance_after,
+            created_at=charge.at,
+            request_id=charge.request_id,
+            description=charge.description,
+        )
+        done[key] = ledger_transaction
+        pending.append((ledger_transaction, entries))
+    if not pending:
+        return [
+            Debit(transaction=done[keys[charge.request_id]], created=False) for charge in charges
+        ]
 
-    # 2. The rest becomes debt, paid first out of the next lot.
-    if outstanding:
-        account.debt_nanousd += outstanding
-        account.save(update_fields=["debt_nanousd"])
-        entries.append((None, -outstanding))
-
-    ledger_transaction = transaction_record(
-        account=account,
-        kind=LedgerTransaction.Kind.USAGE,
-        idempotency_key=key,
-        amount_nanousd=-amount_nanousd,
-        entries=entries,
-        at=at,
-        request_id=request_id,
-        description=description,
+    # 2. Write everything in bulk.
+    LedgerTransaction.objects.bulk_create([item for item, _entries in pending])
+    LedgerEntry.objects.bulk_create(
+        LedgerEntry(
+            transaction=ledger_transaction,
+            account=account,
+            lot=lot,
+            amount_nanousd=amount,
+            created_at=ledger_transaction.created_at,
+        )
+        for ledger_transaction, entries in pending
+        for lot, amount in entries
     )
-    return Debit(transaction=ledger_transaction, created=True)
+    CreditLot.objects.bulk_update(list(touched.values()), ["remaining_nanousd"])
+    if account.debt_nanousd != debt_before:
+        account.save(update_fields=["debt_nanousd"])
+    balance_cache_evict_on_commit(account.pk)
+    last_balance = pending[-1][0].balance_after_nanousd
+    low_balance_check_queue(account=account, balance_nanousd=last_balance)
+
+    created = {id(item) for item, _entries in pending}
+    return [
+        Debit(
+            transaction=done[keys[charge.request_id]],
+            created=id(done[keys[charge.request_id]]) in created,
+        )
+        for charge in charges
+    ]
 
 
 @transaction.atomic

@@ -309,9 +309,10 @@ def _frozen_set(
     # The gateway caches each key's identity with the account's frozen flag.
     gateway_services.access_keys_cache_evict(account_id=locked.pk)
     account.is_frozen = frozen
+    action = AuditRecord.Action.ACCOUNT_FREEZE if frozen else AuditRecord.Action.ACCOUNT_UNFREEZE
     record = _audit(
         account=locked,
-        action=AuditRecord.Action.ACCOUNT_FREEZE if frozen else AuditRecord.Action.ACCOUNT_UNFREEZE,
+        action=action,
         actor=actor,
         reason=reason,
         at=at,
