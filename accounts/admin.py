@@ -35,7 +35,7 @@ class MembershipInline(admin.TabularInline):
 
 
 class AccessKeyInline(admin.TabularInline):
-    """Keys by prefix and last four characters only; the hash is never shown."""
+    """Show keys by prefix and last four characters only, never their hash."""
 
     model = AccessKey
     extra = 0

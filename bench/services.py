@@ -14,11 +14,16 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tollbooth, the upstream and the load generator run on the interpreter of this script.
+PYTHON = sys.executable
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -27,8 +32,32 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
+_STARTED = time.monotonic()
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on; the message says why."""
+
+
 class ServiceError(RuntimeError):
     """A service did not start or stopped answering."""
+
+
+def progress(message: str) -> None:
+    """Print a progress line with the seconds since the start to standard error."""
+    print(f"[{time.monotonic() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def base_env() -> dict[str, str]:
+    """Return a minimal environment, so no setting of the caller's shell leaks in."""
+    env = {
+        name: os.environ[name]
+        for name in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+        if name in os.environ
+    }
+    # Loopback traffic must never be sent to a proxy server.
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
 
 
 def _die_with_parent() -> None:
@@ -273,17 +302,18 @@ class MemoryWatch:
                 self.peak_hwm[service.name] = max(self.peak_hwm.get(service.name, 0), hwm)
 
 
-def wait_idle(services: list[Service], *, limit: float = 15.0, busy_share: float = 0.05) -> None:
-    """Wait until none of the services uses more than `busy_share` of a core.
+def wait_idle(services: list[Service], *, limit: float = 15.0, busy_share: float = 0.05) -> float:
+    """Wait until none of the services uses more than `busy_share` of a core; return seconds.
 
     A rate step beyond a server's capacity leaves a backlog that the server keeps working
     through after the client gave up; the next step must not start on top of it.
     """
-    deadline = time.monotonic() + limit
+    started = time.monotonic()
     window = 0.2
-    while time.monotonic() < deadline:
+    while time.monotonic() - started < limit:
         before = [service.cpu_seconds() for service in services]
         time.sleep(window)
         after = [service.cpu_seconds() for service in services]
         if all(b - a <= busy_share * window for a, b in zip(before, after, strict=True)):
-            return
+            break
+    return time.monotonic() - started

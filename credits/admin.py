@@ -86,8 +86,8 @@ def staff_action_page(
 ) -> TemplateResponse | None:
     """Run an admin action that needs a form: show the form, then act on each object.
 
-    `act(obj, cleaned_data)` calls one service and returns the message to show; a
-    CreditsError becomes an error message for that object and changes nothing for it.
+    `act(obj, cleaned_data)` calls one service and returns the message to show. A
+    CreditsError becomes an error message for that object, which stays unchanged.
     Returns None when done, so the admin goes back to the list.
     """
     if request.POST.get("apply") == "yes":

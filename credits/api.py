@@ -114,21 +114,21 @@ class TransactionSerializer(serializers.Serializer):
     """One row of the credit history: a transaction, or a UTC day of usage summed up."""
 
     id = serializers.IntegerField(
-        allow_null=True, help_text="The transaction's id; null on a day of usage."
+        allow_null=True, help_text="The transaction's id, or null on a day of usage."
     )
     kind = serializers.ChoiceField(choices=LedgerTransaction.Kind.choices)
     date = serializers.DateField(help_text="The UTC day.")
     created_at = serializers.DateTimeField(
-        help_text="When it happened; on a day of usage, the time of its last charge."
+        help_text="When it happened. On a day of usage, the time of its last charge."
     )
     amount_usd = serializers.CharField(help_text="Change to the balance, USD.")
     amount_nanousd = serializers.IntegerField(help_text="Change to the balance, nano-dollars.")
     balance_after_usd = serializers.CharField()
     balance_after_nanousd = serializers.IntegerField(
-        help_text="The balance right after; on a day of usage, after its last charge."
+        help_text="The balance right after. On a day of usage, after its last charge."
     )
     request_count = serializers.IntegerField(
-        help_text="Requests charged on a day of usage; 0 on other rows."
+        help_text="Requests charged on a day of usage, and 0 on other rows."
     )
     description = serializers.CharField()
 
@@ -150,9 +150,9 @@ def ledger_rows(*, account: Account):
     """Return the account's credit history, newest first, as a queryset of dicts.
 
     Every transaction is a row, except usage charges: those become one row per UTC day
-    with the day's sum and request count, grouped by the database. Rows of a day of
-    usage carry the id of the day's last charge in `row_id` and no balance after; fill
-    it in for the rows shown with `ledger_rows_complete`.
+    with the day's sum and request count, grouped by the database. A day of usage carries
+    the id of its last charge in `row_id` and no balance after it. Pass the rows shown
+    to `ledger_rows_complete`, which looks that balance up.
     """
     # No ORDER BY inside the halves: a compound statement orders only as a whole.
     transactions = LedgerTransaction.objects.filter(account=account).order_by()
@@ -182,7 +182,7 @@ def ledger_rows(*, account: Account):
             row_kind=Value(LedgerTransaction.Kind.USAGE.value, output_field=CharField()),
             row_id=Max("id"),
             row_at=Max("created_at"),
-            # PostgreSQL sums bigints as numeric; the UNION must stay bigint.
+            # PostgreSQL sums bigints as numeric, and both halves of the UNION must be bigint.
             row_amount=Cast(Sum("amount_nanousd"), output_field=BigIntegerField()),
             row_balance_after=Value(None, output_field=BigIntegerField()),
             row_requests=Count("id"),
@@ -315,15 +315,17 @@ class LotListView(generics.ListAPIView):
 
 
 class TransactionListView(generics.ListAPIView):
-    """Credit history, newest first: purchases, grants, refunds, voids and expiries one by
-    one, and usage as one row per UTC day with its request count."""
-
     serializer_class = TransactionSerializer
 
     def get_queryset(self):
         return ledger_rows(account=request_account(self.request))
 
-    @extend_schema(summary="Credit history, newest first, with usage summed per UTC day")
+    @extend_schema(
+        summary="Credit history, newest first, with usage summed per UTC day",
+        description="Purchases, grants, refunds, voids, expiries and every other transaction "
+        "are one row each. Usage charges are one row per UTC day: the day's total, its "
+        "request count, and the balance after its last charge.",
+    )
     def get(self, request, *args, **kwargs):
         page = self.paginate_queryset(self.get_queryset())
         rows = TransactionSerializer(ledger_rows_complete(page), many=True).data

@@ -29,13 +29,13 @@ def checkout_sessions_reconcile() -> int:
 
 @shared_task
 def account_low_balance_check(account_id: int) -> bool:
-    """Mail the low-balance alert if it is due, or re-arm it; a rerun sends nothing more."""
+    """Mail the low-balance alert if it is due, or re-arm it. A rerun sends nothing more."""
     return services.account_low_balance_check(account_id=account_id)
 
 
 @shared_task
 def accounts_low_balance_check_all() -> int:
-    """Queue the check of every account with a threshold: catches a check that was lost."""
+    """Queue the check of every account with a threshold, so that a lost check still runs."""
     account_ids = services.accounts_with_low_balance_threshold()
     for account_id in account_ids:
         account_low_balance_check.delay(account_id)

@@ -29,7 +29,7 @@ from credits.services import (
 logger = logging.getLogger(__name__)
 
 RECENT_TRANSACTIONS = 50
-# Members see the low-balance alert setting; owners and admins change it.
+# Members see the low-balance alert setting, and only owners and admins change it.
 ALERT_SETTING_ROLES = (Membership.Role.OWNER, Membership.Role.ADMIN)
 
 
@@ -44,7 +44,7 @@ class LowBalanceAlertForm(forms.Form):
     )
 
     def clean_threshold(self) -> int | None:
-        """Convert the typed dollars to nano-dollars; empty means no alert."""
+        """Convert the typed dollars to nano-dollars, or to None (no alert) when empty."""
         text = self.cleaned_data["threshold"].strip()
         if not text:
             return None
@@ -156,7 +156,7 @@ class CreditsView(AccountRequiredMixin, View):
         return _credits_page(request, BuyCreditsForm())
 
     def post(self, request):
-        """Set the low-balance alert threshold; only owners and admins may."""
+        """Set the low-balance alert threshold. Members get 403 and change nothing."""
         if not _can_set_alert(request):
             raise PermissionDenied("Only owners and admins can change the low-balance alert.")
         alert_form = LowBalanceAlertForm(request.POST)

@@ -118,7 +118,8 @@ class CustomProviderForm(forms.Form):
             attrs={"placeholder": "https://api.example.com/v1", "inputmode": "url"}
         ),
         help_text="OpenAI format: the URL in front of /chat/completions, usually ending in /v1. "
-        "Anthropic format: the URL in front of /v1/messages. It must be a public address.",
+        "Anthropic format: the URL in front of /v1/messages. Its host must resolve to a public "
+        "address unless the operator allows private ones.",
     )
     api_format = forms.ChoiceField(label="API format", choices=CustomProvider.ApiFormat.choices)
     api_key = forms.CharField(
@@ -147,6 +148,8 @@ class CustomProviderEditForm(CustomProviderForm):
     """The provider form for a change: a blank key keeps the stored one."""
 
     key_clear = forms.BooleanField(label="Remove the stored key", required=False)
+
+    field_order = ["name", "base_url", "api_format", "api_key", "key_clear", "models"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -15,6 +15,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import close_old_connections
 
 from gateway.limits import Reservation, reservation_release, reservation_settle
@@ -81,6 +82,9 @@ class MeteringQueue:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._items:
+            if len(self._items) < BATCH_MAX and settings.GATEWAY_METER_BATCH_WINDOW_MS:
+                # Let a batch gather: under load this turns many small writes into one.
+                await asyncio.sleep(settings.GATEWAY_METER_BATCH_WINDOW_MS / 1000)
             batch, self._items = self._items[:BATCH_MAX], self._items[BATCH_MAX:]
             try:
                 records = await loop.run_in_executor(METERING_EXECUTOR, usage_settle_batch, batch)

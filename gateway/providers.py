@@ -292,10 +292,10 @@ def provider_credential_delete(*, credential: ProviderCredential) -> None:
 
 
 def _name_taken(*, account_id: int, name: str, exclude_id: int | None = None) -> bool:
-    taken = CustomProvider.objects.filter(account_id=account_id, name=name)
+    matches = CustomProvider.objects.filter(account_id=account_id, name=name)
     if exclude_id is not None:
-        taken = taken.exclude(pk=exclude_id)
-    return taken.exists()
+        matches = matches.exclude(pk=exclude_id)
+    return matches.exists()
 
 
 def _name_taken_error(name: str) -> ProviderError:
@@ -465,11 +465,11 @@ class ProviderConfig:
         return [provider for provider in self.custom.values() if model in provider.model_names]
 
 
-def _decrypted(token: str, *, what: str, row_id: int) -> str | None:
+def _decrypted(token: str, *, row_kind: str, row_id: int) -> str | None:
     try:
         return secret_decrypt(token)
     except SecretDecryptError:
-        logger.error("The stored key of %s %s cannot be decrypted", what, row_id)
+        logger.error("The stored key of %s %s cannot be decrypted", row_kind, row_id)
         return None
 
 
@@ -477,7 +477,7 @@ def provider_config_load(*, account_id: int) -> ProviderConfig:
     """Read an account's provider configuration from the database and decrypt its keys."""
     own_keys = {
         credential.provider: _decrypted(
-            credential.encrypted_key, what="own provider key", row_id=credential.pk
+            credential.encrypted_key, row_kind="own provider key", row_id=credential.pk
         )
         for credential in ProviderCredential.objects.filter(account_id=account_id).only(
             "pk", "provider", "encrypted_key"
@@ -486,7 +486,7 @@ def provider_config_load(*, account_id: int) -> ProviderConfig:
     custom = {}
     for provider in CustomProvider.objects.filter(account_id=account_id).order_by("name"):
         api_key = (
-            _decrypted(provider.encrypted_key, what="custom provider", row_id=provider.pk)
+            _decrypted(provider.encrypted_key, row_kind="custom provider", row_id=provider.pk)
             if provider.encrypted_key
             else ""
         )

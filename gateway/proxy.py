@@ -106,7 +106,8 @@ def upstream_request_parts(
     upstream_body.pop("models", None)
     if route.api_format == OPENAI:
         url = f"{route.base_url}/chat/completions"
-        headers = {"authorization": f"Bearer {route.api_key}"}
+        # A custom provider may need no key; an empty credential header would be sent.
+        headers = {"authorization": f"Bearer {route.api_key}"} if route.api_key else {}
         if upstream_body.get("stream"):
             # Ask for the usage chunk; it is removed again if the client did not ask.
             stream_options = dict(upstream_body.get("stream_options") or {})
@@ -114,7 +115,7 @@ def upstream_request_parts(
             upstream_body["stream_options"] = stream_options
     else:
         url = f"{route.base_url}/v1/messages"
-        headers = {"x-api-key": route.api_key}
+        headers = {"x-api-key": route.api_key} if route.api_key else {}
         for name in ANTHROPIC_FORWARDED_HEADERS:
             if name in request.headers:
                 headers[name] = request.headers[name]
@@ -202,7 +203,10 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
         )
         try:
             upstream = await upstream_send(
-                url=url, headers=headers, body=json.dumps(upstream_body).encode()
+                url=url,
+                headers=headers,
+                body=json.dumps(upstream_body).encode(),
+                public_only=route.key_source == UsageRecord.KeySource.CUSTOM,
             )
         except UpstreamError as exc:
             timed_out = exc.timed_out

@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -19,6 +20,11 @@ from gateway.pricing import Price, TokenUsage, request_cost
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "tb_"
+# Each process also keeps key identities in memory this long, which bounds how late a
+# revoke, freeze or limit change takes effect in other processes (the Redis copies are
+# evicted at once).
+LOCAL_IDENTITY_SECONDS = 1.0
+LOCAL_IDENTITY_MAX = 10_000
 ACCESS_KEY_CACHE_KEY = "gateway:access-key:{key_hash}"
 # USD 1,000,000: far above any key's budget, and exact in the limit checks (below 2**53).
 SPEND_LIMIT_MAX_NANOUSD = 10**15
@@ -121,12 +127,17 @@ def _limits_validate(
 
 @transaction.atomic
 def access_key_revoke(*, access_key: AccessKey) -> AccessKey:
-    """Revoke a key; it stops working as soon as this transaction commits."""
+    """Revoke a key; it stops working within `LOCAL_IDENTITY_SECONDS` of the commit."""
     if access_key.revoked_at is None:
         access_key.revoked_at = timezone.now()
         access_key.save(update_fields=["revoked_at"])
-        key = ACCESS_KEY_CACHE_KEY.format(key_hash=access_key.key_hash)
-        transaction.on_commit(lambda: cache.delete(key))
+        key_hash = access_key.key_hash
+
+        def evict() -> None:
+            cache.delete(ACCESS_KEY_CACHE_KEY.format(key_hash=key_hash))
+            _local_identities.pop(key_hash, None)
+
+        transaction.on_commit(evict)
         logger.info(
             "Revoked access key %s of account %s", access_key.prefix, access_key.account_id
         )
@@ -146,6 +157,8 @@ def access_keys_cache_evict(*, account_id: int) -> None:
     ]
     if keys:
         transaction.on_commit(lambda: cache.delete_many(keys))
+    # Other processes drop their copies within LOCAL_IDENTITY_SECONDS.
+    transaction.on_commit(_local_identities.clear)
 
 
 @dataclass(frozen=True)
@@ -169,13 +182,22 @@ class KeyIdentity:
         return scope in self.scopes
 
 
+_local_identities: dict[str, tuple["KeyIdentity", float]] = {}
+
+
 def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
     """Return the identity of a usable key, or None for a missing, revoked or expired one."""
     if not raw_key.startswith(KEY_PREFIX):
         return None
     key_hash = access_key_hash(raw_key)
+    local = _local_identities.get(key_hash)
+    if local is not None and time.monotonic() < local[1]:
+        identity: KeyIdentity | None = local[0]
+        assert identity is not None
+        if identity.expires_at is not None and timezone.now() >= identity.expires_at:
+            return None
+        return identity
     cache_key = ACCESS_KEY_CACHE_KEY.format(key_hash=key_hash)
-    identity: KeyIdentity | None = None
     cached = cache.get(cache_key)
     if cached is not None:
         identity = KeyIdentity(**cached)
@@ -201,6 +223,9 @@ def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
             requests_per_minute=access_key.requests_per_minute,
         )
         cache.set(cache_key, asdict(identity), timeout=settings.GATEWAY_AUTH_CACHE_SECONDS)
+    _local_identities[key_hash] = (identity, time.monotonic() + LOCAL_IDENTITY_SECONDS)
+    if len(_local_identities) > LOCAL_IDENTITY_MAX:
+        _local_identities.clear()
     if identity.expires_at is not None and timezone.now() >= identity.expires_at:
         return None
     return identity

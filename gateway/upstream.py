@@ -6,13 +6,38 @@ requests to the local upstream, `time.process_time`).
 """
 
 import asyncio
+import ipaddress
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+from aiohttp.resolver import ThreadedResolver
 from django.conf import settings
 from multidict import CIMultiDictProxy
 
-_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+from gateway.providers import address_is_public
+
+# One session per event loop and kind: `guarded` sessions only connect to public
+# addresses (custom providers), the others connect anywhere (built-in providers).
+_sessions: dict[tuple[asyncio.AbstractEventLoop, bool], aiohttp.ClientSession] = {}
+
+
+class PublicAddressResolver(ThreadedResolver):
+    """Resolve host names to public addresses only.
+
+    Admission checks a custom provider's host, but DNS may answer differently when the
+    connection is made; this check runs on the addresses actually connected to. Literal
+    IP hosts never reach a resolver; admission has checked those.
+    """
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
+        results = await super().resolve(host, port, family)
+        public = [
+            result for result in results if address_is_public(ipaddress.ip_address(result["host"]))
+        ]
+        if not public:
+            raise OSError(f"{host} resolves to no public address")
+        return public
 
 
 class UpstreamError(Exception):
@@ -23,14 +48,17 @@ class UpstreamError(Exception):
         self.timed_out = timed_out
 
 
-def _session() -> aiohttp.ClientSession:
+def _session(*, guarded: bool) -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
+    session = _sessions.get((loop, guarded))
     if session is None or session.closed:
-        for stale in [other for other in _sessions if other.is_closed()]:
+        for stale in [key for key in _sessions if key[0].is_closed()]:
             _sessions.pop(stale, None)
+        resolver = PublicAddressResolver() if guarded else None
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(
+                limit=1000, limit_per_host=0, ttl_dns_cache=60, resolver=resolver
+            ),
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=settings.GATEWAY_CONNECT_TIMEOUT_SECONDS,
@@ -41,7 +69,7 @@ def _session() -> aiohttp.ClientSession:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        _sessions[loop] = session
+        _sessions[(loop, guarded)] = session
     return session
 
 
@@ -81,10 +109,20 @@ class UpstreamResponse:
             self._response.close()
 
 
-async def upstream_send(*, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
-    """POST to an upstream and return once its status and headers have arrived."""
+async def upstream_send(
+    *, url: str, headers: dict[str, str], body: bytes, public_only: bool = False
+) -> UpstreamResponse:
+    """POST to an upstream and return once its status and headers have arrived.
+
+    Redirects are not followed: a provider answering 3xx could otherwise send the
+    gateway, with the provider key, to any address. `public_only` limits connections
+    to public addresses unless the operator allows private upstreams.
+    """
+    guarded = public_only and not settings.GATEWAY_ALLOW_PRIVATE_UPSTREAMS
     try:
-        response = await _session().post(url, data=body, headers=headers)
+        response = await _session(guarded=guarded).post(
+            url, data=body, headers=headers, allow_redirects=False
+        )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise UpstreamError(
             type(error).__name__, timed_out=isinstance(error, TimeoutError)

@@ -27,6 +27,7 @@ from accounts.models import Account, Membership, User
 from credits.money import nanousd_from_cents
 from credits.services import credit_grant
 from devtools import stripe_server, upstream
+from gateway import services as gateway_services
 from gateway.models import AccessKey
 from gateway.services import CreatedAccessKey, access_key_create
 from tests.factories import MembershipFactory, UserFactory
@@ -35,8 +36,10 @@ from tests.factories import MembershipFactory, UserFactory
 @pytest.fixture(autouse=True)
 def _clear_cache():
     cache.clear()
+    gateway_services._local_identities.clear()
     yield
     cache.clear()
+    gateway_services._local_identities.clear()
 
 
 @dataclass

@@ -185,7 +185,7 @@ class LedgerModel:
         outstanding = amount_nanousd
         order = sorted(
             (lot for lot in self.lots if lot.spendable(at) and lot.remaining_nanousd > 0),
-            key=lambda lot: (lot.created_at, lot.expires_at, lot.index),
+            key=lambda lot: (lot.expires_at, lot.index),
         )
         for lot in order:
             take = min(lot.remaining_nanousd, outstanding)

@@ -83,9 +83,7 @@ def messages_of(response) -> list[str]:
 # Freezing
 
 
-def test_freeze_action_asks_for_a_reason_then_freezes_and_audits(
-    support_client, support, owner, outsider
-):
+def test_freeze_action_asks_reason_and_audits(support_client, support, owner, outsider):
     selected = {"action": "freeze", "_selected_action": [owner.account.pk]}
     form = support_client.post(ACCOUNTS, selected)
 
@@ -135,7 +133,7 @@ def test_freeze_action_asks_for_a_reason_then_freezes_and_audits(
     )
 
 
-def test_freeze_action_without_a_reason_changes_nothing(support_client, owner):
+def test_freeze_action_without_reason_changes_nothing(support_client, owner):
     before = state(owner.account)
 
     response = support_client.post(
@@ -148,7 +146,7 @@ def test_freeze_action_without_a_reason_changes_nothing(support_client, owner):
     assert state(owner.account) == before
 
 
-def test_unfreeze_action_unfreezes_with_a_record(support_client, owner):
+def test_unfreeze_action_writes_record(support_client, owner):
     Account.objects.filter(pk=owner.account.pk).update(is_frozen=True)
 
     response = support_client.post(
@@ -173,7 +171,7 @@ def test_unfreeze_action_unfreezes_with_a_record(support_client, owner):
 # Grants
 
 
-def test_grant_action_grants_the_typed_dollars_once(support_client, support, owner, outsider):
+def test_grant_action_grants_typed_dollars_once(support_client, support, owner, outsider):
     form = support_client.post(
         ACCOUNTS, {"action": "grant_credits", "_selected_action": [owner.account.pk]}
     )
@@ -235,9 +233,7 @@ def test_grant_action_grants_the_typed_dollars_once(support_client, support, own
         ("1000000.01", "The amount must be more than USD 0 and at most USD 1,000,000."),
     ],
 )
-def test_grant_action_rejects_bad_amounts_and_changes_nothing(
-    support_client, owner, amount, message
-):
+def test_grant_action_bad_amount_changes_nothing(support_client, owner, amount, message):
     before = state(owner.account)
 
     response = support_client.post(
@@ -261,7 +257,7 @@ def test_grant_action_rejects_bad_amounts_and_changes_nothing(
 # Lots
 
 
-def test_extend_action_moves_the_expiry_with_a_record(support_client, support, owner):
+def test_extend_action_moves_expiry(support_client, support, owner):
     lot = lot_of(owner.account)
     transactions = LedgerTransaction.objects.count()
 
@@ -293,7 +289,7 @@ def test_extend_action_moves_the_expiry_with_a_record(support_client, support, o
     assert record.after["expires_at"] == "2031-06-30T00:00:00+00:00"
 
 
-def test_extend_action_to_an_earlier_date_changes_nothing(support_client, owner):
+def test_extend_action_earlier_date_changes_nothing(support_client, owner):
     lot = lot_of(owner.account)
     before = state(owner.account)
 
@@ -314,7 +310,7 @@ def test_extend_action_to_an_earlier_date_changes_nothing(support_client, owner)
     assert state(owner.account) == before
 
 
-def test_void_action_voids_the_remainder(support_client, support, owner, outsider):
+def test_void_action_voids_remainder(support_client, support, owner, outsider):
     lot = lot_of(owner.account)
     theirs = lot_of(outsider.account)
 
@@ -349,7 +345,7 @@ def test_void_action_voids_the_remainder(support_client, support, owner, outside
 # Who may act
 
 
-def test_an_account_owner_who_is_not_staff_cannot_act(owner):
+def test_admin_rejects_non_staff_owner(owner):
     client = Client()
     client.force_login(owner.user)
     lot = lot_of(owner.account)
@@ -374,7 +370,7 @@ def test_an_account_owner_who_is_not_staff_cannot_act(owner):
     assert state(owner.account) == before
 
 
-def test_staff_without_the_support_permission_get_no_actions(viewer_client, support_client, owner):
+def test_admin_actions_need_support_permission(viewer_client, support_client, owner):
     lot = lot_of(owner.account)
     before = state(owner.account)
 
@@ -394,7 +390,7 @@ def test_staff_without_the_support_permission_get_no_actions(viewer_client, supp
 # Read-only views
 
 
-def test_audit_records_are_listed_and_read_only(support_client, owner):
+def test_audit_records_are_read_only(support_client, owner):
     support_client.post(
         ACCOUNTS,
         {
@@ -419,7 +415,7 @@ def test_audit_records_are_listed_and_read_only(support_client, owner):
     assert record.reason == "Key posted publicly"
 
 
-def test_account_page_shows_keys_by_prefix_and_never_their_hash(support_client, owner):
+def test_account_page_shows_key_prefix_not_hash(support_client, owner):
     key = owner.key.access_key
 
     page = support_client.get(f"{ACCOUNTS}{owner.account.pk}/change/").content.decode()

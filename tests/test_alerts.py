@@ -93,7 +93,7 @@ LOW_BALANCE_BODY = """\
 The credit balance of the Tollbooth account acme is now $4.499999999, below the alert \
 threshold of $5.00.
 
-When the balance reaches zero, requests through the gateway are refused with HTTP 402. \
+When the balance reaches zero, the gateway rejects requests with HTTP 402 (Payment Required). \
 Buy credits at:
 http://127.0.0.1:8000/credits/
 
@@ -105,7 +105,7 @@ admins can change or turn off the threshold on the credits page.
 # Recipients
 
 
-def test_alert_recipients_are_active_owners_and_admins(team, outsider):
+def test_recipients_are_active_owners_and_admins(team, outsider):
     assert alert_recipients(account_id=team.account.pk) == [
         "admin@example.com",
         "owner@example.com",
@@ -115,7 +115,7 @@ def test_alert_recipients_are_active_owners_and_admins(team, outsider):
 # The low-balance alert
 
 
-def test_low_balance_alert_goes_out_once_per_drop_below_the_threshold(
+def test_low_balance_alert_once_per_drop(
     team, frozen_time, mailoutbox, django_capture_on_commit_callbacks, settings, queued_checks
 ):
     settings.PUBLIC_URL = "http://127.0.0.1:8000"
@@ -172,7 +172,7 @@ def test_low_balance_alert_mentions_debt(team, frozen_time, mailoutbox, settings
     )
 
 
-def test_a_charge_that_stays_above_the_threshold_costs_no_extra_query(owner, frozen_time):
+def test_debit_above_threshold_adds_no_query(owner, frozen_time):
     credit_grant(account=owner.account, amount_nanousd=10 * USD, reason="start")
     with CaptureQueriesContext(connection) as without_threshold:
         usage_debit(account_id=owner.account.pk, request_id="req_a", amount_nanousd=1000)
@@ -184,7 +184,7 @@ def test_a_charge_that_stays_above_the_threshold_costs_no_extra_query(owner, fro
     assert len(with_threshold) == len(without_threshold)
 
 
-def test_a_lot_expiring_below_the_threshold_sends_the_alert(
+def test_lot_expiry_below_threshold_alerts(
     team, frozen_time, mailoutbox, django_capture_on_commit_callbacks
 ):
     account = team.account
@@ -205,7 +205,7 @@ def test_a_lot_expiring_below_the_threshold_sends_the_alert(
     assert "is now $1.00, below the alert threshold of $2.00." in mailoutbox[0].body
 
 
-def test_setting_a_threshold_above_the_balance_alerts_at_once_and_only_once(
+def test_threshold_above_balance_alerts_once(
     team, frozen_time, mailoutbox, django_capture_on_commit_callbacks
 ):
     credit_grant(account=team.account, amount_nanousd=USD, reason="start")
@@ -237,7 +237,7 @@ def test_low_balance_check_is_idempotent(team, frozen_time, mailoutbox):
     assert len(mailoutbox) == 2
 
 
-def test_without_a_threshold_no_alert_is_sent(
+def test_no_threshold_sends_no_alert(
     team, frozen_time, mailoutbox, django_capture_on_commit_callbacks, queued_checks
 ):
     credit_grant(account=team.account, amount_nanousd=USD, reason="start")
@@ -250,16 +250,14 @@ def test_without_a_threshold_no_alert_is_sent(
     assert alerted_at(team.account) is None
 
 
-def test_a_failed_low_balance_mail_is_sent_by_the_next_check(
-    team, frozen_time, mailoutbox, monkeypatch
-):
+def test_low_balance_mail_failure_retried(team, frozen_time, mailoutbox, monkeypatch):
     Account.objects.filter(pk=team.account.pk).update(low_balance_threshold_nanousd=USD)
 
-    def refuse(self, messages):
+    def fail_to_send(self, messages):
         raise smtplib.SMTPServerDisconnected("gone")
 
     with monkeypatch.context() as patch:
-        patch.setattr(EmailBackend, "send_messages", refuse)
+        patch.setattr(EmailBackend, "send_messages", fail_to_send)
         with pytest.raises(smtplib.SMTPServerDisconnected):
             account_low_balance_check(account_id=team.account.pk)
     assert alerted_at(team.account) is None
@@ -271,7 +269,7 @@ def test_a_failed_low_balance_mail_is_sent_by_the_next_check(
 
 
 @pytest.mark.parametrize("threshold", [-1, USD * 1_000_000 + 1, True, 1.5, "5"])
-def test_threshold_set_rejects_bad_values_and_changes_nothing(owner, threshold):
+def test_threshold_bad_values_change_nothing(owner, threshold):
     with pytest.raises(CreditsError, match="from USD 0 to USD 1,000,000"):
         account_low_balance_threshold_set(account=owner.account, threshold_nanousd=threshold)
 
@@ -293,9 +291,7 @@ This reminder is sent once for each expiry date of a lot.
 """
 
 
-def test_expiry_reminders_go_out_a_week_ahead_once_per_lot(
-    team, outsider, staff, frozen_time, mailoutbox, settings
-):
+def test_expiry_reminder_week_ahead_once(team, outsider, staff, frozen_time, mailoutbox, settings):
     settings.PUBLIC_URL = "http://127.0.0.1:8000"
     account = team.account
     week = timedelta(days=7)
@@ -343,9 +339,7 @@ def test_expiry_reminders_go_out_a_week_ahead_once_per_lot(
     assert len(mailoutbox) == 3
 
 
-def test_an_extended_lot_gets_a_reminder_for_its_new_expiry(
-    team, staff, frozen_time, time_machine, mailoutbox
-):
+def test_extended_lot_reminded_again(team, staff, frozen_time, time_machine, mailoutbox):
     lot = credit_grant(
         account=team.account,
         amount_nanousd=USD,
@@ -365,7 +359,7 @@ def test_an_extended_lot_gets_a_reminder_for_its_new_expiry(
     assert mailoutbox[3].subject == f"$1.00 of credits in acme expire on {new_expiry:%Y-%m-%d}"
 
 
-def test_a_failed_reminder_is_sent_by_the_next_run(team, frozen_time, mailoutbox, monkeypatch):
+def test_expiry_reminder_failure_retried(team, frozen_time, mailoutbox, monkeypatch):
     lot = credit_grant(
         account=team.account,
         amount_nanousd=USD,
@@ -374,11 +368,11 @@ def test_a_failed_reminder_is_sent_by_the_next_run(team, frozen_time, mailoutbox
         expires_at=frozen_time + timedelta(days=2),
     )
 
-    def refuse(self, messages):
+    def fail_to_send(self, messages):
         raise smtplib.SMTPServerDisconnected("gone")
 
     with monkeypatch.context() as patch:
-        patch.setattr(EmailBackend, "send_messages", refuse)
+        patch.setattr(EmailBackend, "send_messages", fail_to_send)
         with pytest.raises(smtplib.SMTPServerDisconnected):
             credit_lot_expiry_reminder_send(lot_id=lot.pk)
     lot.refresh_from_db()
@@ -408,7 +402,7 @@ def without_lots(body: dict) -> dict:
     return {key: value for key, value in body.items() if key != "lots"}
 
 
-def test_api_sets_and_clears_the_threshold(funded, outsider):
+def test_api_sets_and_clears_threshold(funded, outsider):
     response = funded.api().patch(
         "/api/credits/balance", {"low_balance_threshold_usd": "5.25"}, format="json"
     )
@@ -451,7 +445,7 @@ def test_api_sets_and_clears_the_threshold(funded, outsider):
         ({}, "This field is required."),
     ],
 )
-def test_api_rejects_bad_thresholds_and_changes_nothing(owner, payload, message):
+def test_api_bad_threshold_changes_nothing(owner, payload, message):
     Account.objects.filter(pk=owner.account.pk).update(low_balance_threshold_nanousd=USD)
 
     response = owner.api().patch("/api/credits/balance", payload, format="json")
@@ -468,7 +462,7 @@ def test_api_rejects_bad_thresholds_and_changes_nothing(owner, payload, message)
     assert owner.account.low_balance_threshold_nanousd == USD
 
 
-def test_api_threshold_of_a_frozen_account_is_refused(owner):
+def test_api_threshold_frozen_account_403(owner):
     Account.objects.filter(pk=owner.account.pk).update(is_frozen=True)
 
     response = owner.api().patch(
@@ -480,7 +474,7 @@ def test_api_threshold_of_a_frozen_account_is_refused(owner):
     assert owner.account.low_balance_threshold_nanousd is None
 
 
-def test_api_threshold_needs_the_management_scope(owner):
+def test_api_threshold_needs_management_scope(owner):
     from rest_framework.test import APIClient
 
     from gateway.services import access_key_create
@@ -508,7 +502,7 @@ def logged_in(user) -> Client:
 
 
 @pytest.mark.parametrize("role", ["owner", "admin"])
-def test_owner_and_admin_set_the_threshold_on_the_credits_page(owner, admin_user, role):
+def test_credits_page_sets_threshold(owner, admin_user, role):
     client = logged_in(owner.user if role == "owner" else admin_user)
 
     response = client.post(reverse("credits"), {"threshold": "$7.50"})
@@ -529,7 +523,7 @@ def test_owner_and_admin_set_the_threshold_on_the_credits_page(owner, admin_user
     assert "The low-balance alert is off." in client.get(reverse("credits")).content.decode()
 
 
-def test_member_sees_but_cannot_set_the_threshold(owner, member):
+def test_credits_page_member_gets_403(owner, member):
     Account.objects.filter(pk=owner.account.pk).update(low_balance_threshold_nanousd=2 * USD)
     client = logged_in(member)
 
@@ -551,7 +545,7 @@ def test_member_sees_but_cannot_set_the_threshold(owner, member):
         ("2000000", "The low-balance threshold must be from USD 0 to USD 1,000,000."),
     ],
 )
-def test_credits_page_rejects_bad_thresholds_and_changes_nothing(owner, text, message):
+def test_credits_page_bad_threshold_changes_nothing(owner, text, message):
     client = logged_in(owner.user)
 
     response = client.post(reverse("credits"), {"threshold": text})
@@ -562,7 +556,7 @@ def test_credits_page_rejects_bad_thresholds_and_changes_nothing(owner, text, me
     assert owner.account.low_balance_threshold_nanousd is None
 
 
-def test_outsider_sets_only_its_own_threshold(owner, outsider):
+def test_credits_page_outsider_sets_own_threshold(owner, outsider):
     client = logged_in(outsider.user)
 
     response = client.post(reverse("credits"), {"threshold": "1.00"})

@@ -7,6 +7,7 @@ steer the upstream through it).
 
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -15,6 +16,7 @@ import pytest
 from credits.models import LedgerTransaction
 from credits.services import account_balance
 from gateway.models import ModelPrice, UsageRecord
+from gateway.services import access_key_revoke
 from tests.gateway_helpers import wait_for_record
 
 pytestmark = [
@@ -215,3 +217,21 @@ def test_fallback_chain_tries_next_model(server, funded):
         (2, "gpt-4o-mini", UsageRecord.Status.SUCCEEDED, 5600),
     ]
     assert balance_of(funded) == TEN_USD - 5600
+
+
+def test_revoked_key_stops_within_one_second(server, funded, django_capture_on_commit_callbacks):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=funded.key.raw_key, max_retries=0)
+    models = client.models.list()
+    assert "openai:gpt-4o-mini" in {model.id for model in models}
+
+    with django_capture_on_commit_callbacks(execute=True):
+        access_key_revoke(access_key=funded.key.access_key)
+    revoked_at = time.monotonic()
+    while True:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            break
+        assert time.monotonic() - revoked_at < 1.5, "the revoked key still works"
+        time.sleep(0.05)
+    assert time.monotonic() - revoked_at <= 1.1

@@ -84,9 +84,7 @@ def audit_fields(record: AuditRecord) -> dict:
 # Promotional grants
 
 
-def test_promotional_grant_opens_a_lot_and_records_who_why_and_balances(
-    owner, outsider, staff, now
-):
+def test_grant_opens_lot_with_audit_record(owner, outsider, staff, now):
     expires_at = now + timedelta(days=30)
     before_outsider = snapshot(outsider.account)
 
@@ -137,7 +135,7 @@ def test_promotional_grant_opens_a_lot_and_records_who_why_and_balances(
     assert_ledger_sound(owner.account, outsider.account)
 
 
-def test_promotional_grant_pays_debt_first_and_expires_in_a_year_by_default(owner, staff, now):
+def test_grant_pays_debt_first_expires_in_a_year(owner, staff, now):
     usage_debit(account_id=owner.account.pk, request_id="req_debt", amount_nanousd=700, at=now)
 
     lot = promotional_credit_grant(
@@ -160,7 +158,7 @@ def test_promotional_grant_pays_debt_first_and_expires_in_a_year_by_default(owne
     assert_ledger_sound(owner.account)
 
 
-def test_promotional_grant_with_a_repeated_key_grants_once(owner, staff, now):
+def test_grant_with_repeated_key_grants_once(owner, staff, now):
     first = promotional_credit_grant(
         account=owner.account,
         amount_nanousd=USD,
@@ -202,9 +200,7 @@ def test_promotional_grant_with_a_repeated_key_grants_once(owner, staff, now):
         ({"actor": None}, "Only active support staff can do this."),
     ],
 )
-def test_promotional_grant_rejects_bad_input_and_changes_nothing(
-    owner, outsider, staff, now, changes, message
-):
+def test_grant_bad_input_changes_nothing(owner, outsider, staff, now, changes, message):
     arguments = {
         "account": owner.account,
         "amount_nanousd": USD,
@@ -226,7 +222,7 @@ def test_promotional_grant_rejects_bad_input_and_changes_nothing(
     assert_ledger_sound(owner.account)
 
 
-def test_promotional_grant_refuses_a_key_of_another_accounts_grant(owner, outsider, staff, now):
+def test_grant_rejects_other_accounts_key(owner, outsider, staff, now):
     promotional_credit_grant(
         account=outsider.account,
         amount_nanousd=USD,
@@ -253,7 +249,7 @@ def test_promotional_grant_refuses_a_key_of_another_accounts_grant(owner, outsid
 # Expiry extension
 
 
-def test_expiry_extension_moves_the_date_without_a_ledger_write(
+def test_extension_moves_expiry_without_ledger_write(
     owner, staff, now, django_capture_on_commit_callbacks
 ):
     lot = credit_grant(
@@ -312,7 +308,7 @@ def test_expiry_extension_moves_the_date_without_a_ledger_write(
     assert_ledger_sound(owner.account)
 
 
-def test_expiry_extension_revives_a_lot_whose_expiry_is_not_written_yet(owner, staff, now):
+def test_extension_revives_unwritten_expired_lot(owner, staff, now):
     lot = credit_grant(
         account=owner.account,
         amount_nanousd=USD,
@@ -348,12 +344,10 @@ def test_expiry_extension_revives_a_lot_whose_expiry_is_not_written_yet(owner, s
         ("voided", "is voided"),
         ("no_reason", "A reason is required."),
         ("not_staff", "Only active support staff can do this."),
-        ("unknown_lot", "does not exist"),
+        ("unknown_lot", "not found"),
     ],
 )
-def test_expiry_extension_rejects_bad_input_and_changes_nothing(
-    owner, outsider, staff, now, case, message
-):
+def test_extension_bad_input_changes_nothing(owner, outsider, staff, now, case, message):
     expires_at = now + timedelta(days=5)
     lot = credit_grant(
         account=owner.account,
@@ -405,7 +399,7 @@ def test_expiry_extension_rejects_bad_input_and_changes_nothing(
 # Voids
 
 
-def test_void_writes_one_entry_for_exactly_the_remainder(
+def test_void_writes_entry_for_exact_remainder(
     owner, outsider, staff, now, django_capture_on_commit_callbacks
 ):
     soon = credit_grant(
@@ -478,7 +472,7 @@ def test_void_writes_one_entry_for_exactly_the_remainder(
     assert_ledger_sound(owner.account, outsider.account)
 
 
-def test_void_twice_returns_the_first_void_and_writes_nothing_more(owner, staff, now):
+def test_void_twice_writes_once(owner, staff, now):
     lot = credit_grant(account=owner.account, amount_nanousd=USD, reason="trial", at=now)
     first = credit_lot_void(lot_id=lot.pk, reason="Fraud", actor=staff, at=now)
     before = snapshot(owner.account)
@@ -493,7 +487,7 @@ def test_void_twice_returns_the_first_void_and_writes_nothing_more(owner, staff,
     assert_ledger_sound(owner.account)
 
 
-def test_void_of_a_spent_lot_writes_a_zero_void(owner, staff, now):
+def test_void_of_spent_lot_is_zero(owner, staff, now):
     lot = credit_grant(account=owner.account, amount_nanousd=1000, reason="tiny", at=now)
     usage_debit(account_id=owner.account.pk, request_id="req_all", amount_nanousd=1500, at=now)
 
@@ -513,10 +507,10 @@ def test_void_of_a_spent_lot_writes_a_zero_void(owner, staff, now):
         ("frozen", "only active lots can be voided"),
         ("no_reason", "A reason is required."),
         ("not_staff", "Only active support staff can do this."),
-        ("unknown_lot", "does not exist"),
+        ("unknown_lot", "not found"),
     ],
 )
-def test_void_rejects_bad_input_and_changes_nothing(owner, outsider, staff, now, case, message):
+def test_void_bad_input_changes_nothing(owner, outsider, staff, now, case, message):
     lot = credit_grant(
         account=owner.account,
         amount_nanousd=USD,
@@ -547,7 +541,7 @@ def test_void_rejects_bad_input_and_changes_nothing(owner, outsider, staff, now,
 # Freezing
 
 
-def test_freeze_stops_a_cached_key_at_once(
+def test_freeze_stops_cached_key_at_once(
     owner, outsider, staff, now, django_capture_on_commit_callbacks
 ):
     identity = access_key_authenticate(raw_key=owner.key.raw_key)
@@ -589,9 +583,7 @@ def test_freeze_stops_a_cached_key_at_once(
     assert_ledger_sound(owner.account)
 
 
-def test_freeze_twice_writes_one_record_and_unfreeze_restores_keys(
-    owner, staff, now, django_capture_on_commit_callbacks
-):
+def test_freeze_twice_then_unfreeze(owner, staff, now, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
         account_freeze(account=owner.account, reason="Leak", actor=staff, at=now)
     access_key_authenticate(raw_key=owner.key.raw_key)
@@ -627,7 +619,7 @@ def test_freeze_twice_writes_one_record_and_unfreeze_restores_keys(
         ("Leak", "inactive", "Only active support staff can do this."),
     ],
 )
-def test_freeze_rejects_bad_input_and_changes_nothing(owner, staff, reason, actor, message):
+def test_freeze_bad_input_changes_nothing(owner, staff, reason, actor, message):
     if actor == "inactive":
         staff.is_active = False
         staff.save(update_fields=["is_active"])
@@ -652,13 +644,13 @@ def test_freeze_rejects_bad_input_and_changes_nothing(owner, staff, reason, acto
         ("1000000", 1_000_000 * USD),
     ],
 )
-def test_usd_amount_parse_reads_dollars_to_the_nano_dollar(text, nanousd):
+def test_usd_amount_parse_exact_nanousd(text, nanousd):
     assert usd_amount_parse(text) == nanousd
 
 
 @pytest.mark.parametrize(
     "text", ["", "abc", "-1", "1e5", "1e999999", "10.0000000001", "1,000", "NaN", "١٠"]
 )
-def test_usd_amount_parse_rejects_anything_else(text):
+def test_usd_amount_parse_rejects_other_text(text):
     with pytest.raises(CreditsError, match="Enter an amount in USD such as 10.00"):
         usd_amount_parse(text)

@@ -190,7 +190,7 @@ def expected_rows(ids: dict) -> list[dict]:
     ]
 
 
-def test_transactions_sum_usage_per_utc_day_newest_first(owner, history):
+def test_transactions_sum_usage_per_utc_day(owner, history):
     response = owner.api().get("/api/credits/transactions")
 
     assert response.status_code == 200
@@ -202,7 +202,7 @@ def test_transactions_sum_usage_per_utc_day_newest_first(owner, history):
     }
 
 
-def test_usage_days_are_utc_days_whatever_the_display_time_zone(owner, history, settings):
+def test_transactions_days_ignore_display_time_zone(owner, history, settings):
     settings.TIME_ZONE = "Pacific/Auckland"
 
     response = owner.api().get("/api/credits/transactions")
@@ -215,7 +215,7 @@ def test_usage_days_are_utc_days_whatever_the_display_time_zone(owner, history, 
     ]
 
 
-def test_transactions_page_with_limit_and_offset(owner, history):
+def test_transactions_limit_and_offset(owner, history):
     response = owner.api().get("/api/credits/transactions?limit=3&offset=2")
 
     assert response.status_code == 200
@@ -226,7 +226,7 @@ def test_transactions_page_with_limit_and_offset(owner, history):
     assert body["results"] == expected_rows(history)[2:5]
 
 
-def test_transactions_cost_the_same_queries_however_many_charges(owner):
+def test_transactions_query_count_is_constant(owner):
     def queries_for_charges(count: int, day: datetime) -> int:
         for number in range(count):
             usage_debit(
@@ -248,7 +248,7 @@ def test_transactions_cost_the_same_queries_however_many_charges(owner):
     assert many == few
 
 
-def test_outsider_sees_only_its_own_history(owner, outsider, history):
+def test_transactions_outsider_sees_own_only(owner, outsider, history):
     response = outsider.api().get("/api/credits/transactions")
 
     assert response.status_code == 200
@@ -256,7 +256,7 @@ def test_outsider_sees_only_its_own_history(owner, outsider, history):
     assert owner.api().get("/api/credits/transactions").json()["count"] == 9
 
 
-def test_transactions_need_a_management_key(owner, history):
+def test_transactions_need_management_key(owner, history):
     inference = access_key_create(account=owner.account, name="gw", scopes=["inference"])
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {inference.raw_key}")
@@ -265,7 +265,7 @@ def test_transactions_need_a_management_key(owner, history):
     assert APIClient().get("/api/credits/transactions").status_code == 401
 
 
-def test_lots_list_newest_first_with_exact_amounts(owner, outsider, history):
+def test_lots_newest_first_exact_amounts(owner, outsider, history):
     response = owner.api().get("/api/credits/lots?limit=2")
 
     assert response.status_code == 200
@@ -281,7 +281,7 @@ def test_lots_list_newest_first_with_exact_amounts(owner, outsider, history):
     assert outsider.api().get("/api/credits/lots").json()["count"] == 0
 
 
-def test_openapi_schema_documents_history_pagination_and_threshold(db):
+def test_schema_documents_transactions_and_threshold(db):
     response = Client().get("/api/schema", {"format": "json"})
 
     assert response.status_code == 200
@@ -313,7 +313,7 @@ def test_openapi_schema_documents_history_pagination_and_threshold(db):
     assert {"low_balance_threshold_usd", "low_balance_threshold_nanousd"} <= set(balance)
 
 
-def test_credits_page_shows_the_same_history(owner, outsider, history):
+def test_credits_page_shows_same_history(owner, outsider, history):
     credit_grant(account=outsider.account, amount_nanousd=USD, reason="secret-outsider-grant")
     client = Client()
     client.force_login(owner.user)

@@ -4,7 +4,7 @@ Owners and admins of the account get them. The low-balance alert goes out once e
 time the balance drops below the threshold (`Account.low_balance_alerted_at`); the
 expiry reminder once per lot (`CreditLot.expiry_reminder_sent_at`). Each send first
 claims its marker in a short write and mails after it, so no row stays locked while the
-mail server answers; a failed send releases the claim, and the next run tries again.
+mail server responds. A failed send releases the claim, so the next run tries again.
 """
 
 import logging
@@ -49,7 +49,7 @@ def alert_recipients(*, account_id: int) -> list[str]:
 
 
 def _mail(*, recipients: list[str], template: str, context: dict) -> None:
-    """Send one plain-text message per recipient, so no one sees the others' addresses."""
+    """Send one plain-text message per recipient, so no recipient gets the others' addresses."""
     subject = render_to_string(f"email/{template}_subject.txt", context).strip()
     body = render_to_string(f"email/{template}_body.txt", context)
     messages = [
@@ -65,9 +65,9 @@ def account_low_balance_threshold_set(
 ) -> Account:
     """Set the balance below which owners and admins get an email; None turns it off.
 
-    A new threshold re-arms the alert; when the balance is already below it, the check
-    runs once this commits, so the email goes out at once rather than with the next
-    charge. Setting the threshold it already has changes nothing.
+    A new threshold re-arms the alert. When the balance is already below it, the check
+    runs once this commits, so the email goes out at once instead of with the next
+    charge. Setting the threshold the account already has changes nothing.
     """
     if threshold_nanousd is not None and (
         isinstance(threshold_nanousd, bool)
@@ -91,7 +91,7 @@ def account_low_balance_threshold_set(
 
 
 def account_low_balance_check(*, account_id: int, at: datetime | None = None) -> bool:
-    """Bring the low-balance alert in line with the balance; return whether it mailed.
+    """Update the low-balance alert to match the balance; return whether it sent email.
 
     Below the threshold and armed: claim the alert and mail the owners and admins. At or
     above it after an alert: re-arm. Anything else changes nothing, so a rerun is a no-op.

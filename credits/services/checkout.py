@@ -5,7 +5,6 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import stripe
-from dateutil.relativedelta import relativedelta
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -98,6 +97,12 @@ def _session_payment_ids(session: Mapping) -> tuple[str, str]:
     return payment_intent.get("id", ""), charge
 
 
+def _session_retrieve(session_id: str) -> stripe.checkout.Session:
+    return stripe.checkout.Session.retrieve(
+        session_id, expand=["payment_intent"], **_stripe_options()
+    )
+
+
 def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
     """Turn a paid Checkout Session into exactly one lot.
 
@@ -105,9 +110,10 @@ def checkout_session_fulfil(*, session_id: str) -> CreditLot | None:
     never from the caller, and records the payment intent and charge on the lot, so that
     refunds and disputes find it. Returns None while the session is unpaid.
     """
-    session = stripe.checkout.Session.retrieve(
-        session_id, expand=["payment_intent"], **_stripe_options()
-    )
+    return _session_fulfil(_session_retrieve(session_id))
+
+
+def _session_fulfil(session: Mapping) -> CreditLot | None:
     if session.get("payment_status") != "paid":
         logger.info("Checkout session not paid yet, status %s", session.get("payment_status"))
         return None
@@ -162,24 +168,31 @@ def checkout_session_fail(*, session_id: str) -> CheckoutPurchase | None:
 def checkout_sessions_reconcile(*, at: datetime | None = None) -> int:
     """Fulfil open purchases whose session Stripe reports paid; return how many were fulfilled.
 
-    Sessions stay open for at most 24 hours at Stripe, so older ones are marked expired.
+    A purchase whose session expired unpaid (Stripe expires an uncompleted session at
+    its `expires_at`, at most 24 hours after creation) is marked expired. A session
+    completed with a delayed payment method stays open until its payment settles.
     """
     at = at or timezone.now()
     fulfilled = 0
-    for purchase in CheckoutPurchase.objects.filter(status=CheckoutPurchase.Status.OPEN):
+    open_purchases = CheckoutPurchase.objects.filter(status=CheckoutPurchase.Status.OPEN)
+    for purchase in open_purchases.order_by("created_at", "id"):
         try:
-            lot = checkout_session_fulfil(session_id=purchase.stripe_session_id)
-        except stripe.StripeError as error:
+            session = _session_retrieve(purchase.stripe_session_id)
+            lot = _session_fulfil(session)
+        except (stripe.StripeError, CreditsError) as error:
             logger.warning(
                 "Reconciling checkout purchase %s failed: %s", purchase.pk, type(error).__name__
             )
             continue
         if lot is not None:
             fulfilled += 1
-        elif at - purchase.created_at > relativedelta(days=2):
-            CheckoutPurchase.objects.filter(pk=purchase.pk).update(
-                status=CheckoutPurchase.Status.EXPIRED
-            )
+            continue
+        status = session.get("status")
+        expires_at = session.get("expires_at")
+        if status == "expired" or (
+            status == "open" and expires_at and at.timestamp() > expires_at
+        ):
+            open_purchases.filter(pk=purchase.pk).update(status=CheckoutPurchase.Status.EXPIRED)
     return fulfilled
 
 

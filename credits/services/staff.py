@@ -115,7 +115,7 @@ def _lot_locked(lot_id: int) -> tuple[Account, CreditLot]:
     """Lock the lot's account, then the lot: the order every ledger write uses."""
     account_id = CreditLot.objects.filter(pk=lot_id).values_list("account_id", flat=True).first()
     if account_id is None:
-        raise CreditsError(f"Lot {lot_id} does not exist.")
+        raise CreditsError(f"Lot {lot_id} not found.")
     account = locked_account(account_id)
     return account, CreditLot.objects.select_for_update().get(pk=lot_id)
 
@@ -192,11 +192,11 @@ def credit_lot_expiry_extend(
     actor: User,
     at: datetime | None = None,
 ) -> AuditRecord:
-    """Move a lot's expiry later; the ledger is unchanged, the act is audited.
+    """Move a lot's expiry later, with its audit record. The ledger does not change.
 
-    Refuses lots whose expiry is already written and voided lots. A lot past its expiry
-    whose expiry is not written yet becomes spendable again. The expiry reminder re-arms
-    for the new date.
+    Raises CreditsError for a voided lot and for a lot whose expiry is already written.
+    A lot past its expiry whose expiry is not written yet becomes spendable again. The
+    expiry reminder re-arms for the new date.
     """
     _actor_check(actor)
     reason = _reason_clean(reason)
@@ -244,9 +244,9 @@ def credit_lot_void(
 ) -> LedgerTransaction:
     """Void a spendable lot: one VOID entry for exactly its remainder, status VOIDED.
 
-    Voiding a voided lot returns its void transaction and writes nothing. A lot past its
-    expiry or frozen by a dispute is refused: its remainder is not in the balance, so
-    expiry or the dispute settles it.
+    Voiding a voided lot returns its void transaction and writes nothing. Raises
+    CreditsError for a lot past its expiry or frozen by a dispute: its remainder is not
+    in the balance, and the expiry or the dispute settles it.
     """
     _actor_check(actor)
     reason = _reason_clean(reason)
@@ -257,10 +257,11 @@ def credit_lot_void(
     if existing is not None:
         return existing
     if lot.expired_at is not None or at >= lot.expires_at:
-        raise CreditsError(f"Lot {lot.pk} has expired; expiry writes off its remainder.")
+        raise CreditsError(f"Lot {lot.pk} has expired, so its expiry writes off the remainder.")
     if lot.status != CreditLot.Status.ACTIVE:
         raise CreditsError(
-            f"Lot {lot.pk} is {lot.get_status_display().lower()}; only active lots can be voided."
+            f"Lot {lot.pk} is {lot.get_status_display().lower()}, "
+            "and only active lots can be voided."
         )
 
     before = {**_lot_state(lot), **_balance_state(account.pk, at)}
@@ -275,7 +276,7 @@ def credit_lot_void(
         amount_nanousd=-remainder,
         entries=[(lot, -remainder)],
         at=at,
-        # Customers see this text; the reason stays in the audit record for staff.
+        # Customers see this text, so the reason stays in the audit record, for staff only.
         description=f"Lot {lot.pk} voided by support",
         actor=actor,
     )
@@ -338,5 +339,5 @@ def account_freeze(
 def account_unfreeze(
     *, account: Account, reason: str, actor: User, at: datetime | None = None
 ) -> AuditRecord | None:
-    """Unfreeze an account; returns None, writing nothing, when it is not frozen."""
+    """Unfreeze an account. Returns None, writing nothing, when it is not frozen."""
     return _frozen_set(account=account, frozen=False, reason=reason, actor=actor, at=at)
