@@ -4,7 +4,8 @@ Every amount of money inside Tollbooth is an integer number of nano-dollars (1e-
 This module is the one place that converts to and from other units.
 """
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 NANOUSD_PER_USD = 1_000_000_000
 NANOUSD_PER_CENT = 10_000_000
@@ -39,18 +40,20 @@ def format_usd_short(nanousd: int) -> str:
     return f"{whole}.{fraction}"
 
 
+# Plain decimal notation only: Decimal would also take "1e100000", slowly.
+USD_TEXT = re.compile(r"-?\d{1,15}(\.\d+)?")
+
+
 def parse_usd(text: str) -> int:
     """Parse a USD amount such as "10.00" into nano-dollars.
 
-    Raises ValueError when the text is not a number or has more than nine decimal places.
+    Raises ValueError when the text is not a plain decimal number or has more than nine
+    decimal places.
     """
-    try:
-        amount = Decimal(text.strip())
-    except (InvalidOperation, AttributeError) as error:
-        raise ValueError(f"{text!r} is not a USD amount such as 10.00.") from error
-    if not amount.is_finite():
+    cleaned = text.strip() if isinstance(text, str) else ""
+    if not USD_TEXT.fullmatch(cleaned):
         raise ValueError(f"{text!r} is not a USD amount such as 10.00.")
-    nanousd = amount * NANOUSD_PER_USD
+    nanousd = Decimal(cleaned) * NANOUSD_PER_USD
     if nanousd != nanousd.to_integral_value():
         raise ValueError(f"{text!r} has more than nine decimal places.")
     return int(nanousd)

@@ -4,7 +4,7 @@
 header against the endpoint's secret before anything is stored (dj-stripe's own view
 records a WebhookEventTrigger row even for a forged request), then hands the request to
 dj-stripe. dj-stripe records the event once per Stripe event id, syncs its objects and
-sends the signals below inside its transaction; a receiver that raises rolls the event
+sends the signals below inside its transaction. A receiver that raises rolls the event
 back, so Stripe redelivers it. Event types without a receiver are recorded and ignored.
 """
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 @method_decorator(csrf_exempt, name="dispatch")
 @method_decorator(login_not_required, name="dispatch")
 class StripeWebhookView(View):
-    """Answer 400 to a request not signed with the endpoint's secret, storing nothing."""
+    """Reject a request not signed with the endpoint's secret (HTTP 400), storing nothing."""
 
     def post(self, request: HttpRequest, uuid) -> HttpResponse:
         signature = request.headers.get("stripe-signature")

@@ -136,7 +136,11 @@ def main() -> int:
     ]
     processes = [subprocess.Popen(command, cwd=ROOT, env=env) for command in commands]
 
+    stopping = False
+
     def stop(*_args) -> None:
+        nonlocal stopping
+        stopping = True
         for process in processes:
             if process.poll() is None:
                 process.terminate()
@@ -185,7 +189,8 @@ Press Ctrl+C to stop.
         for process in processes:
             code = process.poll()
             if code is not None:
-                exit_code = code
+                # A stop asked for with Ctrl+C or SIGTERM is a clean exit.
+                exit_code = 0 if stopping else code
                 stop()
                 for other in processes:
                     other.wait()

@@ -12,6 +12,10 @@ from gateway.services import REQUESTS_PER_MINUTE_MAX
 class AccessKeyCreateForm(forms.Form):
     """Name, scopes, optional expiry date and optional limits of a new access key."""
 
+    # A random token per rendered form: submitting the same form twice (a reload of the
+    # result page) creates one key, not two.
+    form_token = forms.CharField(widget=forms.HiddenInput, required=False, max_length=64)
+
     name = forms.CharField(
         max_length=120,
         widget=forms.TextInput(attrs={"placeholder": "e.g. laptop or CI", "autocomplete": "off"}),

@@ -1,6 +1,7 @@
 """Access key and usage pages of the dashboard."""
 
 import logging
+import secrets
 
 from django.contrib import messages
 from django.core.paginator import Paginator
@@ -73,9 +74,18 @@ def _keys_page(request, form: AccessKeyCreateForm, *, created=None, status: int 
     return render(request, "gateway/keys.html", context, status=status)
 
 
+# Session key: the form tokens already used, newest last, with the key each created.
+USED_KEY_FORM_TOKENS = "used_key_form_tokens"
+USED_KEY_FORM_TOKENS_KEPT = 20
+
+
+def _new_key_form() -> AccessKeyCreateForm:
+    return AccessKeyCreateForm(initial={"form_token": secrets.token_urlsafe(16)})
+
+
 class KeysView(AccountRequiredMixin, View):
     def get(self, request):
-        return _keys_page(request, AccessKeyCreateForm())
+        return _keys_page(request, _new_key_form())
 
 
 class KeyCreateView(AccountRequiredMixin, View):
@@ -89,6 +99,21 @@ class KeyCreateView(AccountRequiredMixin, View):
 
     def post(self, request):
         form = AccessKeyCreateForm(request.POST)
+        token = request.POST.get("form_token", "")
+        used: list[list] = request.session.get(USED_KEY_FORM_TOKENS, [])
+        earlier = next(
+            (key_id for used_token, key_id in used if token and used_token == token), None
+        )
+        if earlier is not None:
+            # The browser sent this form again, usually by reloading the result page.
+            messages.info(
+                request,
+                "That form was already submitted, so no second key was created. The key's "
+                "secret was shown once; revoke it and create a new one if it was not copied.",
+            )
+            response = HttpResponseRedirect(reverse("keys"))
+            response.status_code = 303
+            return response
         if not form.is_valid():
             return _keys_page(request, form)
         try:
@@ -107,7 +132,10 @@ class KeyCreateView(AccountRequiredMixin, View):
             form.add_error(None, str(error))
             return _keys_page(request, form)
 
-        response = _keys_page(request, AccessKeyCreateForm(), created=created, status=201)
+        if token:
+            used = [*used, [token, created.access_key.pk]][-USED_KEY_FORM_TOKENS_KEPT:]
+            request.session[USED_KEY_FORM_TOKENS] = used
+        response = _keys_page(request, _new_key_form(), created=created, status=201)
         # Keep the page with the secret out of the browser cache and the back-forward cache.
         add_never_cache_headers(response)
         patch_cache_control(response, no_store=True)

@@ -12,7 +12,9 @@ def _first_message(detail) -> str:
     if isinstance(detail, dict) and detail:
         key, value = next(iter(detail.items()))
         message = _first_message(value)
-        return message if key == "non_field_errors" else f"{key}: {message}"
+        if key == "non_field_errors" or message.startswith(f"{key} "):
+            return message
+        return f"{key}: {message}"
     return str(detail)
 
 

@@ -185,7 +185,7 @@ class LedgerModel:
         outstanding = amount_nanousd
         order = sorted(
             (lot for lot in self.lots if lot.spendable(at) and lot.remaining_nanousd > 0),
-            key=lambda lot: (lot.expires_at, lot.index),
+            key=lambda lot: (lot.expires_at, lot.created_at, lot.index),
         )
         for lot in order:
             take = min(lot.remaining_nanousd, outstanding)
@@ -210,7 +210,7 @@ class LedgerModel:
         ledger before the batch.
         """
         new = [f"usage:{request_id}" not in self.applied for request_id, _amount, _at in charges]
-        for request_id, amount, at in sorted(charges, key=lambda charge: (charge[2], charge[0])):
+        for request_id, amount, at in charges:
             self.debit(request_id=request_id, amount_nanousd=amount, at=at)
         return new
 

@@ -357,6 +357,22 @@ def test_key_create_shows_raw_key_once(owner, owner_client):
     assert stored.display in listing
 
 
+def test_key_create_form_sent_twice_makes_one_key(owner, owner_client):
+    page = owner_client.get(reverse("keys"))
+    token = page.context["form"].initial["form_token"]
+    data = {"name": "laptop", "scopes": ["inference"], "form_token": token}
+
+    first = owner_client.post(reverse("key-create"), data)
+    again = owner_client.post(reverse("key-create"), data)
+
+    assert first.status_code == 201
+    assert again.status_code == 303
+    assert again["Location"] == reverse("keys")
+    assert AccessKey.objects.filter(account=owner.account, name="laptop").count() == 1
+    follow = owner_client.get(reverse("keys"))
+    assert "already submitted" in follow.content.decode()
+
+
 def test_key_create_defaults_to_inference_scope(owner_client):
     form_page = owner_client.get(reverse("keys")).content.decode()
     assert re.search(r'value="inference"[^>]*checked', form_page)

@@ -662,7 +662,7 @@ def form_post(server: RunningServer, path: str, fields: dict[str, Any]) -> tuple
     return status, json.loads(raw)
 
 
-def test_partial_refunds_add_up_on_the_charge(stripe_api: RunningServer) -> None:
+def test_partial_refunds_add_up_on_charge(stripe_api: RunningServer) -> None:
     session_id, charge = paid_charge(stripe_api)
 
     status, first = form_post(stripe_api, f"/_test/sessions/{session_id}/refund", {"amount": 300})
@@ -719,7 +719,7 @@ def test_refunds_list_newest_first_in_pages(stripe_api: RunningServer) -> None:
     assert stripe.Refund.retrieve(ids[0]).amount == 100
 
 
-def test_refund_create_through_the_api(stripe_api: RunningServer) -> None:
+def test_refund_create_through_api(stripe_api: RunningServer) -> None:
     _session_id, charge = paid_charge(stripe_api)
 
     refund = stripe.Refund.create(
@@ -772,7 +772,7 @@ def test_refund_create_rejects_bad_params(
     assert stripe.Refund.list(charge=charge.id).data == []
 
 
-def test_refund_needs_a_charge_that_can_be_refunded(stripe_api: RunningServer) -> None:
+def test_refund_rejects_unrefundable_charge(stripe_api: RunningServer) -> None:
     _session_id, charge = paid_charge(stripe_api)
     stripe.Refund.create(charge=charge.id)
     unpaid = create_session()
@@ -793,7 +793,7 @@ def test_refund_needs_a_charge_that_can_be_refunded(stripe_api: RunningServer) -
     assert not_paid["error"]["code"] == "checkout_session_not_paid"
 
 
-def test_refund_of_a_bank_debit_is_pending(stripe_api: RunningServer) -> None:
+def test_bank_debit_refund_is_pending(stripe_api: RunningServer) -> None:
     created = create_session()
     control_post(stripe_api, f"/_test/sessions/{created.id}/pay_async")
     control_post(stripe_api, f"/_test/sessions/{created.id}/async_succeeded")
@@ -885,7 +885,7 @@ def test_lost_dispute_blocks_refunds_and_closes_once(stripe_api: RunningServer) 
     assert stripe.Dispute.retrieve(dispute_id).status == "lost"
 
 
-def test_refund_and_dispute_events_are_delivered_signed(
+def test_refund_and_dispute_events_delivered_signed(
     webhook_server: tuple[RunningServer, WebhookReceiver],
 ) -> None:
     running, receiver = webhook_server
@@ -906,7 +906,7 @@ def test_refund_and_dispute_events_are_delivered_signed(
     assert types == ["checkout.session.completed", "charge.refunded", "charge.dispute.created"]
 
 
-def test_refund_through_the_api_is_delivered_in_the_background(
+def test_api_refund_delivered_in_background(
     webhook_server: tuple[RunningServer, WebhookReceiver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running, receiver = webhook_server

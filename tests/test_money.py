@@ -36,7 +36,9 @@ def test_parse_usd_accepts_decimal_strings(text, nanousd):
     assert parse_usd(text) == nanousd
 
 
-@pytest.mark.parametrize("text", ["abc", "1.0000000001", "NaN", "Infinity", ""])
+@pytest.mark.parametrize(
+    "text", ["abc", "1.0000000001", "NaN", "Infinity", "", "1e5", "1e100000", "0x10", "1_000"]
+)
 def test_parse_usd_rejects_bad_amounts(text):
     with pytest.raises(ValueError):
         parse_usd(text)

@@ -107,7 +107,7 @@ def run_together(count: int, target: Callable[[], object]) -> list:
 
 
 @pytest.mark.django_db
-def test_reconcile_task_fulfils_a_paid_session_whose_webhook_was_missed(owner, stripe_control):
+def test_reconcile_fulfils_missed_webhook(owner, stripe_control):
     session_id = start_purchase(owner, 1200)
     paid = stripe_control(f"/_test/sessions/{session_id}/pay")
 
@@ -125,7 +125,7 @@ def test_reconcile_task_fulfils_a_paid_session_whose_webhook_was_missed(owner, s
 
 
 @pytest.mark.django_db
-def test_unpaid_session_makes_no_lot_until_its_payment_succeeds(owner, stripe_control):
+def test_unpaid_session_makes_no_lot(owner, stripe_control):
     session_id = start_purchase(owner, 500)
     stripe_control(f"/_test/sessions/{session_id}/pay_async")
 
@@ -161,7 +161,7 @@ def test_failed_delayed_payment_is_never_fulfilled(owner, stripe_control):
 
 
 @pytest.mark.django_db
-def test_failure_report_for_a_paid_session_changes_nothing(owner, stripe_control):
+def test_failure_report_for_paid_session_ignored(owner, stripe_control):
     lot, paid = buy(owner, 500, stripe_control)
 
     purchase = checkout_session_fail(session_id=paid["session"]["id"])
@@ -216,7 +216,7 @@ def test_racing_duplicate_webhooks_make_one_lot(owner, stripe_control):
 
 
 @pytest.mark.django_db
-def test_refunds_void_the_lot_then_become_debt_paid_by_the_next_purchase(owner, stripe_control):
+def test_refund_shortfall_becomes_debt(owner, stripe_control):
     lot, paid = buy(owner, 1000, stripe_control)
     charge_id = paid["charge"]["id"]
     usage_debit(account_id=owner.account.pk, request_id="req_spend", amount_nanousd=2_500_000_001)
@@ -250,7 +250,7 @@ def test_refunds_void_the_lot_then_become_debt_paid_by_the_next_purchase(owner, 
 
 
 @pytest.mark.django_db(transaction=True)
-def test_refunds_listed_by_racing_events_apply_once_each(owner, stripe_control):
+def test_racing_refund_events_apply_once(owner, stripe_control):
     lot, paid = buy(owner, 1000, stripe_control)
     session_id = paid["session"]["id"]
     first = stripe_control(f"/_test/sessions/{session_id}/refund", amount=300)["refund"]
@@ -268,7 +268,7 @@ def test_refunds_listed_by_racing_events_apply_once_each(owner, stripe_control):
 
 
 @pytest.mark.django_db
-def test_refund_of_an_expired_lot_is_all_debt(owner, stripe_control):
+def test_refund_of_expired_lot_is_debt(owner, stripe_control):
     lot, paid = buy(owner, 1000, stripe_control)
     usage_debit(account_id=owner.account.pk, request_id="req_spend", amount_nanousd=USD)
     after_expiry = lot.expires_at + timedelta(seconds=1)
@@ -291,7 +291,7 @@ def test_refund_of_an_expired_lot_is_all_debt(owner, stripe_control):
 
 
 @pytest.mark.django_db
-def test_refund_rejects_other_currencies_and_changes_nothing(owner, stripe_control):
+def test_refund_rejects_other_currencies(owner, stripe_control):
     lot, paid = buy(owner, 1000, stripe_control)
 
     with pytest.raises(CreditsError, match="USD"):
@@ -311,7 +311,7 @@ def test_refund_rejects_other_currencies_and_changes_nothing(owner, stripe_contr
 
 
 @pytest.mark.django_db
-def test_disputed_lot_is_frozen_and_a_won_dispute_restores_it(owner, stripe_control):
+def test_won_dispute_unfreezes_lot(owner, stripe_control):
     lot, paid = buy(owner, 1000, stripe_control)
     usage_debit(account_id=owner.account.pk, request_id="req_before", amount_nanousd=USD)
     dispute_id = stripe_control(f"/_test/sessions/{paid['session']['id']}/dispute")["dispute"][
@@ -385,7 +385,7 @@ def test_lost_dispute_voids_exactly_the_remainder(owner, stripe_control):
         ("lost", "void", -10 * USD, 0, CreditLot.Status.VOIDED),
     ],
 )
-def test_dispute_closed_before_its_opening_is_processed(
+def test_dispute_closed_before_opened(
     owner, stripe_control, outcome, kind, amount, balance, lot_status
 ):
     lot, paid = buy(owner, 1000, stripe_control)
@@ -408,7 +408,7 @@ def test_dispute_closed_before_its_opening_is_processed(
 
 
 @pytest.mark.django_db
-def test_refund_during_a_dispute_is_debt_and_a_won_dispute_evens_it_out(owner, stripe_control):
+def test_refund_during_dispute_is_debt(owner, stripe_control):
     lot, paid = buy(owner, 1000, stripe_control)
     dispute_id = stripe_control(f"/_test/sessions/{paid['session']['id']}/dispute")["dispute"][
         "id"
@@ -437,7 +437,7 @@ def test_refund_during_a_dispute_is_debt_and_a_won_dispute_evens_it_out(owner, s
 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-def test_refunds_and_dispute_delivered_by_stripe_to_the_server(server, stripe_url, owner):
+def test_server_applies_delivered_refunds_and_dispute(server, stripe_url, owner):
     webhook_url = stripe_webhook_endpoint_configure(secret=WEBHOOK_SECRET, public_url=server.url)
     headers = {"Authorization": f"Bearer {owner.key.raw_key}"}
     log_start = len(server.log())

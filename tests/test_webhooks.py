@@ -1,7 +1,7 @@
 """Stripe webhooks through Django's test client: the signature gate and each receiver.
 
 Events come from the local Stripe server (or are built by hand) and are signed exactly
-as Stripe signs them; dj-stripe syncs its objects from that server while it processes
+as Stripe signs them. dj-stripe syncs its objects from that server while it processes
 them. Amounts: USD 1.00 is 1_000_000_000 nano-dollars, one cent is 10_000_000.
 """
 
@@ -13,6 +13,8 @@ import pytest
 import stripe
 from django.conf import settings
 from django.test import Client
+from djstripe.models import Charge as StripeCharge
+from djstripe.models import Dispute as StripeDispute
 from djstripe.models import Event, WebhookEventTrigger
 
 from accounts.models import Account
@@ -104,7 +106,7 @@ def nothing_stored() -> bool:
         pytest.param({"payload": b"tampered"}, id="tampered-body"),
     ],
 )
-def test_bad_signature_gets_400_and_stores_nothing(
+def test_bad_signature_rejected_storing_nothing(
     owner, stripe_url, stripe_control, webhook_path, tamper
 ):
     session_id = start_purchase(owner, 1000)
@@ -125,7 +127,7 @@ def test_bad_signature_gets_400_and_stores_nothing(
     assert_ledger(owner.account, balance=0)
 
 
-def test_missing_signature_gets_400_and_stores_nothing(owner, stripe_control, webhook_path):
+def test_missing_signature_rejected(owner, stripe_control, webhook_path):
     session_id = start_purchase(owner, 1000)
     paid = stripe_control(f"/_test/sessions/{session_id}/pay")
 
@@ -136,9 +138,10 @@ def test_missing_signature_gets_400_and_stores_nothing(owner, stripe_control, we
     assert response.status_code == 400
     assert nothing_stored()
     assert not CreditLot.objects.exists()
+    assert_ledger(owner.account, balance=0)
 
 
-def test_unknown_endpoint_gets_404_and_stores_nothing(owner, stripe_control, webhook_path):
+def test_unknown_endpoint_not_found(owner, stripe_control, webhook_path):
     session_id = start_purchase(owner, 1000)
     paid = stripe_control(f"/_test/sessions/{session_id}/pay")
 
@@ -147,11 +150,10 @@ def test_unknown_endpoint_gets_404_and_stores_nothing(owner, stripe_control, web
     assert response.status_code == 404
     assert nothing_stored()
     assert not CreditLot.objects.exists()
+    assert_ledger(owner.account, balance=0)
 
 
-def test_signed_event_is_processed_once_however_often_delivered(
-    owner, stripe_control, webhook_path
-):
+def test_duplicate_event_processed_once(owner, stripe_control, webhook_path):
     session_id = start_purchase(owner, 1000)
     paid = stripe_control(f"/_test/sessions/{session_id}/pay")
 
@@ -172,7 +174,7 @@ def test_signed_event_is_processed_once_however_often_delivered(
 
 
 @pytest.mark.parametrize("event_type", ["billing.meter.created", "balance.available"])
-def test_unknown_event_type_is_recorded_and_ignored(owner, webhook_path, stripe_url, event_type):
+def test_unknown_event_type_recorded_and_ignored(owner, webhook_path, stripe_url, event_type):
     event = build_event(event_type, {"id": "obj_test_1", "object": "unknown_object"})
 
     response = post_event(webhook_path, event)
@@ -186,7 +188,7 @@ def test_unknown_event_type_is_recorded_and_ignored(owner, webhook_path, stripe_
 # --- Purchases -------------------------------------------------------------------------
 
 
-def test_delayed_payment_makes_a_lot_only_when_it_succeeds(owner, stripe_control, webhook_path):
+def test_delayed_payment_lot_only_on_success(owner, stripe_control, webhook_path):
     session_id = start_purchase(owner, 700)
 
     pending = stripe_control(f"/_test/sessions/{session_id}/pay_async")
@@ -207,7 +209,7 @@ def test_delayed_payment_makes_a_lot_only_when_it_succeeds(owner, stripe_control
     assert_ledger(owner.account, balance=7 * USD)
 
 
-def test_failed_delayed_payment_marks_the_purchase_failed(owner, stripe_control, webhook_path):
+def test_failed_delayed_payment_marks_purchase_failed(owner, stripe_control, webhook_path):
     session_id = start_purchase(owner, 700)
     pending = stripe_control(f"/_test/sessions/{session_id}/pay_async")
     post_event(webhook_path, pending["event"])
@@ -267,9 +269,12 @@ def test_two_partial_refunds_each_apply_once(owner, stripe_control, webhook_path
         ]
     )
     assert CreditLot.objects.get().remaining_nanousd == 450 * CENT
+    # dj-stripe synced the charge from the local server while processing the events.
+    charge = StripeCharge.objects.get(id=paid["charge"]["id"])
+    assert (charge.amount_refunded, charge.refunded) == (550, False)
 
 
-def test_refund_amount_comes_from_stripe_not_the_event_body(owner, stripe_control, webhook_path):
+def test_refund_ignores_event_body_amount(owner, stripe_control, webhook_path):
     paid = buy(owner, 1000, stripe_control, webhook_path)
     # Signed, but Stripe lists no refund of this charge.
     claimed = {**paid["charge"], "amount_refunded": 1000, "refunded": True}
@@ -281,7 +286,7 @@ def test_refund_amount_comes_from_stripe_not_the_event_body(owner, stripe_contro
     assert_ledger(owner.account, balance=10 * USD)
 
 
-def test_refund_updated_event_applies_the_refund(owner, stripe_control, webhook_path):
+def test_refund_updated_event_applies_refund(owner, stripe_control, webhook_path):
     paid = buy(owner, 1000, stripe_control, webhook_path)
     refunded = stripe_control(f"/_test/sessions/{paid['session']['id']}/refund", amount=100)
 
@@ -292,9 +297,7 @@ def test_refund_updated_event_applies_the_refund(owner, stripe_control, webhook_
     assert_ledger(owner.account, balance=9 * USD)
 
 
-def test_refund_of_a_purchase_whose_webhook_was_missed_fulfils_it_first(
-    owner, stripe_control, webhook_path
-):
+def test_refund_fulfils_missed_purchase_first(owner, stripe_control, webhook_path):
     session_id = start_purchase(owner, 1000)
     stripe_control(f"/_test/sessions/{session_id}/pay")
     refunded = stripe_control(f"/_test/sessions/{session_id}/refund", amount=400)
@@ -308,9 +311,7 @@ def test_refund_of_a_purchase_whose_webhook_was_missed_fulfils_it_first(
     assert_ledger(owner.account, balance=6 * USD)
 
 
-def test_refund_of_a_charge_tollbooth_did_not_make_is_ignored(
-    owner, stripe_url, stripe_control, webhook_path
-):
+def test_refund_of_foreign_charge_ignored(owner, stripe_url, stripe_control, webhook_path):
     foreign = stripe.checkout.Session.create(
         mode="payment",
         success_url="http://testserver/done",
@@ -347,7 +348,7 @@ def test_refund_of_a_charge_tollbooth_did_not_make_is_ignored(
         ("lost", 0, CreditLot.Status.VOIDED, 0),
     ],
 )
-def test_dispute_freezes_the_lot_until_it_closes(
+def test_dispute_freezes_lot_until_closed(
     owner, stripe_control, webhook_path, outcome, balance, lot_status, remaining
 ):
     paid = buy(owner, 1000, stripe_control, webhook_path)
@@ -369,6 +370,7 @@ def test_dispute_freezes_the_lot_until_it_closes(
     assert (lot.status, lot.remaining_nanousd) == (lot_status, remaining)
     dispute = LotDispute.objects.get()
     assert (dispute.stripe_dispute_id, dispute.status) == (opened["dispute"]["id"], outcome)
+    assert StripeDispute.objects.get(id=opened["dispute"]["id"]).status == outcome
     assert dispute.stripe_charge_id == paid["charge"]["id"]
     kinds = LedgerTransaction.objects.order_by("id").values_list("kind", "amount_nanousd")
     close_kind = "unfreeze" if outcome == "won" else "void"

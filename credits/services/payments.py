@@ -14,9 +14,9 @@ delivered twice, or two events racing, changes the ledger once:
   remains of the lot, and the lot is voided.
 
 How a freeze shows in the ledger: freezing moves no money, so the FREEZE transaction
-has no entries, and its amount is the change to the balance (minus the lot's remainder,
-or zero if the lot had already left the balance by expiring). The UNFREEZE puts back
-what remains then. A customer can explain every balance as the sum of the transaction
+has no entries. Its amount is the change to the balance: minus the lot's remainder, or
+zero if the lot had already left the balance by expiring. The UNFREEZE puts back what
+remains then. A customer can explain every balance as the sum of the transaction
 amounts: the remainder leaves at the freeze, not at the void. So the VOID of a frozen
 lot has an amount of zero, as an expiry has, and `ledger_violations` accepts both.
 
@@ -215,7 +215,8 @@ def charge_refunds_apply(*, charge_id: str) -> list[LotRefund]:
     lot: CreditLot | None = None
     for refund in refunds:
         if refund.get("status") not in APPLIED_REFUND_STATUSES:
-            logger.info("Refund %s is %s; not applied yet", refund["id"], refund.get("status"))
+            status = refund.get("status")
+            logger.info("Refund %s has status %s, not applied yet", refund["id"], status)
             continue
         if LotRefund.objects.filter(stripe_refund_id=refund["id"]).exists():
             continue

@@ -1,6 +1,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.core.validators import validate_email
+from django.utils.text import slugify
 
 from accounts.models import Account, User
 from accounts.services import account_create
@@ -35,8 +36,13 @@ class Command(BaseCommand):
             if not options["password"]:
                 user.set_unusable_password()
                 user.save(update_fields=["password"])
-        if options["slug"]:
-            if Account.objects.filter(slug=options["slug"]).exists():
-                raise CommandError(f"An account with slug {options['slug']!r} already exists.")
-        account = account_create(name=name, owner=user, slug=options["slug"])
+        # Rerunning the same command must not create a second account.
+        slug = options["slug"] or slugify(name)
+        if not slug:
+            raise CommandError(f"--name {name!r} gives no URL-safe slug; pass --slug.")
+        if Account.objects.filter(slug=slug).exists():
+            raise CommandError(
+                f"An account with slug {slug!r} already exists; pass --slug to choose another."
+            )
+        account = account_create(name=name, owner=user, slug=slug)
         self.stdout.write(f"Created account {account.slug} owned by {user.email}")
