@@ -1,10 +1,11 @@
 """The metering proxy: `/v1/chat/completions` and `/v1/messages`.
 
-A request is admitted (key, balance, route) in one worker thread, forwarded with one
-pooled HTTP client per event loop, passed back unbuffered, and metered once its usage
-is known. Streams are forwarded event by event; the usage record is written before the
-terminal event (`data: [DONE]` or `message_stop`) goes out, so a client that has read
-the whole stream sees its charge.
+A request is admitted (key, limits, balance, routes) in one worker thread, forwarded
+with one pooled HTTP session per event loop, passed back unbuffered, and metered in
+batches once its usage is known (gateway.metering). A whole response is charged just
+after it is sent. A stream is forwarded event by event and charged before its terminal
+event (`data: [DONE]` or `message_stop`) goes out, so a client that has read the whole
+stream can already read its charge.
 """
 
 import asyncio
@@ -162,7 +163,7 @@ async def _meter(
     await metering_queue().submit(attempt=record, reservation=admission.reservation, final=final)
 
 
-# Upstream answers after which the next model of a `models` fallback chain is tried.
+# Upstream statuses after which the next model of a `models` fallback chain is tried.
 RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
 
 
@@ -184,7 +185,7 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
     except GatewayError as error:
         return error_response(error, surface=surface, request_id=request_id)
 
-    # 2. Try each route of the fallback chain until one answers without a retryable error.
+    # 2. Try each route of the fallback chain until one responds without a retryable error.
     streamed = bool(body.get("stream"))
     routes = admission.routes
     for index, route in enumerate(routes, start=1):
