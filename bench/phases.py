@@ -213,7 +213,8 @@ def capacity_search(run: Run, plan: Plan, name: str, *, start: float) -> dict[st
         verdict = "pass" if passed else "fail"
         if result["stopped_early"]:
             verdict += " (stopped early)"
-        progress(f"{name}: {rate:g} req/s, p99 {p99} ms, {verdict}")
+        shown = "n/a" if p99 is None else f"{p99:.1f} ms"
+        progress(f"{name}: {rate:g} req/s, p99 {shown}, {verdict}")
         steps.append(
             {
                 "rate": rate,

@@ -38,8 +38,8 @@ def row(
 ) -> str:
     """Return one table row: the three targets, then Tollbooth ÷ direct and ÷ LiteLLM.
 
-    `prefix` goes before a target's figure; `override` replaces the figure, and the
-    ratios that would use it.
+    `prefix` marks a figure that is only a lower bound (">= "); `override` replaces a
+    figure, and the ratios that would use it, with a word.
     """
     prefix = prefix or {}
     override = override or {}
@@ -48,10 +48,20 @@ def row(
         for name in COLUMNS
     ]
     values = {name: None if name in override else value for name, value in values.items()}
-    tollbooth = values.get("tollbooth")
-    to_direct = times(ratio(tollbooth, values.get("direct"))) if ratios else ""
-    to_litellm = times(ratio(tollbooth, values.get("litellm"))) if ratios else ""
-    return f"| {label} | " + " | ".join([*cells, to_direct, to_litellm]) + " |"
+
+    def divided(other: str) -> str:
+        if not ratios:
+            return ""
+        text = times(ratio(values.get("tollbooth"), values.get(other)))
+        bounded_above, bounded_below = "tollbooth" in prefix, other in prefix
+        if text == "–" or not (bounded_above or bounded_below):
+            return text
+        # A lower bound divided by a figure is a lower bound, and the other way round.
+        if bounded_above and bounded_below:
+            return "–"
+        return ("<= " if bounded_below else ">= ") + text
+
+    return f"| {label} | " + " | ".join([*cells, divided("direct"), divided("litellm")]) + " |"
 
 
 def pick(section: dict[str, Any], path: tuple[str, ...]) -> dict[str, float | None]:
@@ -148,6 +158,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{rate}, server CPU ms per request",
             pick(fixed, ("cpu_ms_per_request",)),
             digits=3,
+            override=overloaded,
         )
     )
     lines.append(
@@ -157,6 +168,7 @@ def markdown(results: dict[str, Any]) -> str:
             pick(fixed, ("postgres_cpu_ms_per_request",)),
             digits=3,
             ratios=False,
+            override={name: text for name, text in overloaded.items() if name == "tollbooth"},
         )
     )
     capacity = results["capacity"]
@@ -183,16 +195,29 @@ def markdown(results: dict[str, Any]) -> str:
             measured = times(check["value"])
         else:
             measured = f"{check['value']:.2f} ms"
-        result = {True: "PASS", False: "FAIL", None: NOT_MEASURED}[check["passed"]]
+        if check["passed"] is None:
+            # A value without a verdict: a throughput search reached its ceiling rate.
+            result = NOT_MEASURED if check["value"] is None else "UNDECIDED (rate ceiling)"
+        else:
+            result = "PASS" if check["passed"] else "FAIL"
         lines.append(f"| {check['name']} | {check['goal']} | {measured} | {result} |")
 
     metering = results.get("metering")
     if metering:
         ledger = "sound" if metering["check_ledger_exit_code"] == 0 else "VIOLATED"
+        extra = metering["usage_records"] - metering["ok_responses"]
+        note = ""
+        if extra > 0:
+            note = (
+                f" ({extra:,} more records than responses: requests the client gave up on "
+                "when a rate step stopped early were still served and charged)"
+            )
+        elif extra < 0:
+            note = f" ({-extra:,} responses WITHOUT a usage record)"
         lines += [
             "",
             f"Metering: Tollbooth wrote {metering['usage_records']:,} usage records for "
-            f"{metering['ok_responses']:,} successful responses; ledger check: {ledger}.",
+            f"{metering['ok_responses']:,} successful responses{note}; ledger check: {ledger}.",
         ]
     for name, reason in results.get("not_measured", {}).items():
         first_line = reason.strip().splitlines()[0] if reason.strip() else ""

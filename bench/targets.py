@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -104,13 +105,67 @@ def maintenance_url(url: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/postgres"))
 
 
-def database_recreate(url: str) -> None:
+def migrations_fingerprint() -> str:
+    """Hash the project's migrations and locked dependencies (dj-stripe's migrations)."""
+    digest = hashlib.sha256()
+    for path in sorted(ROOT.glob("*/migrations/*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    lock = ROOT / "requirements.lock"
+    if lock.exists():
+        digest.update(lock.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def template_name(url: str) -> str:
+    return f"{database_name(url)}_template_{migrations_fingerprint()}"
+
+
+def database_recreate(url: str, *, fresh: bool) -> bool:
+    """Drop and create the database, as a copy of the migrated template if there is one.
+
+    Return whether the copy was made. dj-stripe's migrations alone take a minute of CPU,
+    so the first run keeps a migrated template; its name carries a hash of every
+    migration file and of requirements.lock, so a change to either makes a new one.
+    """
     name = database_name(url)
+    template = template_name(url)
     with psycopg.connect(maintenance_url(url), autocommit=True) as connection:
         connection.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+        found = connection.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (template,)
+        ).fetchone()
+        if found and not fresh:
+            connection.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+            return True
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return False
+
+
+def template_save(url: str) -> None:
+    """Keep the freshly migrated database as the template; drop older templates."""
+    name = database_name(url)
+    template = template_name(url)
+    with psycopg.connect(maintenance_url(url), autocommit=True) as connection:
+        stale = connection.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s",
+            (name.replace("_", r"\_") + r"\_template\_%",),
+        ).fetchall()
+        for (old,) in stale:
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(old))
+            )
+        connection.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(template), sql.Identifier(name)
+            )
+        )
 
 
 def database_drop(url: str) -> None:
@@ -181,6 +236,9 @@ class Run:
         self.stack = contextlib.ExitStack()
         self.workdir = Path(tempfile.mkdtemp(prefix="tollbooth-bench-"))
         self.stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+        if args.logs:
+            # Runs after every service has stopped, so the logs are complete.
+            self.stack.callback(self.copy_logs, args.logs)
         self.watch = MemoryWatch()
         self.watch.start()
         self.stack.callback(self.watch.stop)
@@ -191,6 +249,11 @@ class Run:
 
     def close(self) -> None:
         self.stack.close()
+
+    def copy_logs(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for log in self.workdir.glob("*.log"):
+            shutil.copy(log, directory / log.name)
 
     def launch(self, service: Service) -> None:
         self.stack.callback(service.stop)
@@ -308,10 +371,14 @@ def prepare_tollbooth(run: Run, *, upstream_port: int) -> tuple[dict[str, str], 
     env = tollbooth_env(args, port=port, upstream_port=upstream_port, var_dir=var_dir)
     redis_flush(args.redis_url)
     run.stack.callback(redis_flush, args.redis_url)
-    database_recreate(args.database_url)
+    copied = database_recreate(args.database_url, fresh=args.fresh_db)
     if not args.keep_db:
         run.stack.callback(database_drop, args.database_url)
+    if not copied:
+        progress("Migrating a new database; dj-stripe's migrations take a minute or more")
     manage(env, "migrate", "--no-input")
+    if not copied:
+        template_save(args.database_url)
     manage(
         env,
         "create_account",

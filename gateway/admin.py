@@ -7,6 +7,7 @@ from gateway.models import (
     ModelPrice,
     ProviderCredential,
     UsageRecord,
+    UsageRollup,
 )
 from gateway.providers import custom_provider_delete, provider_credential_delete
 from gateway.routing import price_catalog_evict_on_commit
@@ -188,3 +189,41 @@ class CustomProviderAdmin(admin.ModelAdmin):
             custom_provider_delete(provider=provider)
             count += 1
         self.message_user(request, f"Deleted {count} custom providers.")
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(admin.ModelAdmin):
+    """Usage summed per hour and day; read-only, because the rollup task rewrites it."""
+
+    list_display = [
+        "window_start",
+        "period",
+        "account",
+        "provider",
+        "model",
+        "access_key",
+        "request_count",
+        "failed_count",
+        "cost",
+        "computed_at",
+    ]
+    list_filter = ["period", "provider"]
+    search_fields = ["account__slug", "model"]
+    date_hierarchy = "window_start"
+    list_select_related = ["account", "access_key"]
+
+    @admin.display(description="Cost (USD)", ordering="cost_nanousd")
+    def cost(self, rollup: UsageRollup) -> str:
+        return format_usd(rollup.cost_nanousd)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in UsageRollup._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -1,5 +1,8 @@
+from datetime import UTC, date, datetime, time, timedelta
+
 from django.http import Http404
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, serializers, status
 from rest_framework.response import Response
@@ -7,7 +10,13 @@ from rest_framework.views import APIView
 
 from credits.money import format_usd, parse_usd
 from gateway.authentication import request_account
-from gateway.models import AccessKey, CustomProvider, ProviderCredential, UsageRecord
+from gateway.models import (
+    AccessKey,
+    CustomProvider,
+    ProviderCredential,
+    UsageRecord,
+    UsageRollup,
+)
 from gateway.providers import (
     BUILTIN_PROVIDER_NAMES,
     ProviderError,
@@ -17,6 +26,7 @@ from gateway.providers import (
     provider_credential_delete,
     provider_credential_set,
 )
+from gateway.rollups import OVERVIEW_MAX_DAYS, usage_overview
 from gateway.services import (
     REQUESTS_PER_MINUTE_MAX,
     AccessKeyError,
@@ -373,3 +383,170 @@ class CustomProviderDetailView(APIView):
     def delete(self, request, provider_id: int):
         custom_provider_delete(provider=self._get(request, provider_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# Usage overview: usage summed per UTC hour or day, read from usage rollups.
+
+OVERVIEW_DEFAULT_DAYS = {UsageRollup.Period.DAY: 30, UsageRollup.Period.HOUR: 2}
+OVERVIEW_GROUPS = [
+    ("model", "Provider and model"),
+    ("key", "Access key"),
+    ("provider", "Provider"),
+]
+
+
+class UsageOverviewQuerySerializer(serializers.Serializer):
+    period = serializers.ChoiceField(
+        choices=UsageRollup.Period.choices,
+        default=UsageRollup.Period.DAY,
+        help_text="Window of each series entry: UTC `day` or `hour`.",
+    )
+    start = serializers.DateField(
+        required=False,
+        input_formats=["%Y-%m-%d"],
+        help_text="First UTC day, YYYY-MM-DD. Defaults to 29 days before `end` for `day` "
+        "and the day before `end` for `hour`.",
+    )
+    end = serializers.DateField(
+        required=False,
+        input_formats=["%Y-%m-%d"],
+        help_text="Last UTC day, included, YYYY-MM-DD. Defaults to today (UTC). At most "
+        f"{OVERVIEW_MAX_DAYS[UsageRollup.Period.DAY]} days for `day` and "
+        f"{OVERVIEW_MAX_DAYS[UsageRollup.Period.HOUR]} for `hour`.",
+    )
+    group_by = serializers.ChoiceField(
+        choices=OVERVIEW_GROUPS,
+        required=False,
+        help_text="Also split the sums by `model`, `key` or `provider`.",
+    )
+    key = serializers.IntegerField(
+        required=False, min_value=1, help_text="Only the usage of this access key (its id)."
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        period = attrs["period"]
+        end = attrs.get("end") or timezone.now().astimezone(UTC).date()
+        start = attrs.get("start") or end - timedelta(days=OVERVIEW_DEFAULT_DAYS[period] - 1)
+        if start > end:
+            raise serializers.ValidationError(
+                {"start": [f"start ({start}) is after end ({end})."]}
+            )
+        days = (end - start).days + 1
+        if days > OVERVIEW_MAX_DAYS[period]:
+            raise serializers.ValidationError(
+                {
+                    "end": [
+                        f"The range covers {days} days; period={period} allows at most "
+                        f"{OVERVIEW_MAX_DAYS[period]}."
+                    ]
+                }
+            )
+        return {**attrs, "start": start, "end": end}
+
+
+class UsageTotalsSerializer(serializers.Serializer):
+    request_count = serializers.IntegerField(
+        help_text="Upstream attempts; a request that fell back counts once per attempt."
+    )
+    succeeded_count = serializers.IntegerField()
+    failed_count = serializers.IntegerField(
+        help_text="Upstream errors and failures; streams the client aborted count as neither."
+    )
+    estimated_count = serializers.IntegerField(
+        help_text="Attempts whose tokens were estimated because upstream sent no usage."
+    )
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    cache_read_tokens = serializers.IntegerField()
+    cache_write_tokens = serializers.IntegerField()
+    reasoning_tokens = serializers.IntegerField()
+    fee_usd = serializers.SerializerMethodField()
+    fee_nanousd = serializers.IntegerField()
+    model_cost_usd = serializers.SerializerMethodField()
+    model_cost_nanousd = serializers.IntegerField()
+    cost_usd = serializers.SerializerMethodField()
+    cost_nanousd = serializers.IntegerField()
+
+    def get_fee_usd(self, totals: dict) -> str:
+        return format_usd(totals["fee_nanousd"])
+
+    def get_model_cost_usd(self, totals: dict) -> str:
+        return format_usd(totals["model_cost_nanousd"])
+
+    def get_cost_usd(self, totals: dict) -> str:
+        return format_usd(totals["cost_nanousd"])
+
+
+class UsageGroupSerializer(serializers.Serializer):
+    group = serializers.CharField(
+        help_text='"provider:model", "provider", or the key id ("none" for no key).'
+    )
+    label = serializers.CharField()
+    provider = serializers.CharField(allow_null=True)
+    model = serializers.CharField(allow_null=True)
+    access_key_id = serializers.IntegerField(allow_null=True)
+    access_key_name = serializers.CharField(allow_null=True)
+    totals = UsageTotalsSerializer()
+
+
+class UsageWindowSerializer(serializers.Serializer):
+    window_start = serializers.DateTimeField(default_timezone=UTC)
+    window_end = serializers.DateTimeField(default_timezone=UTC)
+    totals = UsageTotalsSerializer()
+    groups = UsageGroupSerializer(many=True)
+
+
+class UsageOverviewSerializer(serializers.Serializer):
+    period = serializers.CharField()
+    start = serializers.DateTimeField(default_timezone=UTC, help_text="Start of the range.")
+    end = serializers.DateTimeField(
+        default_timezone=UTC, help_text="End of the range, excluded (midnight after `end`)."
+    )
+    complete_until = serializers.DateTimeField(
+        default_timezone=UTC,
+        help_text="The sums hold every request before this time. Later windows (the one "
+        "open now, and closed ones not rolled up yet, usually for up to five minutes) are "
+        "left out of `totals` and `series`.",
+    )
+    group_by = serializers.CharField(allow_null=True)
+    key = serializers.IntegerField(source="access_key_id", allow_null=True)
+    totals = UsageTotalsSerializer()
+    groups = UsageGroupSerializer(many=True, help_text="Sums per group, highest cost first.")
+    series = UsageWindowSerializer(
+        many=True, help_text="One entry per window up to `complete_until`, zeros included."
+    )
+
+
+def _utc_midnight(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
+class UsageOverviewView(APIView):
+    @extend_schema(
+        parameters=[UsageOverviewQuerySerializer],
+        responses=UsageOverviewSerializer,
+        summary="Usage and spend per UTC day or hour, in total and per model, key or provider",
+        description="Read from usage rollups, which are written a few minutes after each "
+        "hour and day closes; `complete_until` says how far they reach. Money is a USD "
+        "string with nine places next to integer nano-dollars.",
+    )
+    def get(self, request):
+        account = request_account(request)
+        query = UsageOverviewQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        access_key = None
+        if "key" in params:
+            access_key = get_object_or_404(
+                AccessKey.objects.for_account(account), pk=params["key"]
+            )
+        overview = usage_overview(
+            account=account,
+            period=params["period"],
+            start=_utc_midnight(params["start"]),
+            end=_utc_midnight(params["end"] + timedelta(days=1)),
+            at=timezone.now(),
+            group_by=params.get("group_by"),
+            access_key=access_key,
+        )
+        return Response(UsageOverviewSerializer(overview).data)

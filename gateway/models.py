@@ -2,6 +2,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.models import Account
@@ -272,3 +273,64 @@ class CustomProvider(models.Model):
     @property
     def key_display(self) -> str:
         return f"…{self.key_last_four}" if self.encrypted_key else ""
+
+
+class UsageRollup(models.Model):
+    """Usage records summed per UTC hour or day, account, key, provider and model.
+
+    Written only by `gateway.rollups.usage_rollups_refresh`, which replaces a whole window
+    at once, so the rows of a window always equal the sum of its usage records. Counts are
+    of upstream attempts (usage records): a request that fell back counts once per attempt.
+    """
+
+    class Period(models.TextChoices):
+        HOUR = "hour", "Hour"
+        DAY = "day", "Day"
+
+    period = models.CharField(max_length=8, choices=Period.choices)
+    # Start of the window in UTC, aligned to the hour or to midnight; the window is
+    # [window_start, window_start + 1 hour or day).
+    window_start = models.DateTimeField()
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="usage_rollups")
+    # Keys are revoked, never deleted by the product; deleting a key whose usage is rolled
+    # up is refused, so the history stays whole. Deleting the account deletes both.
+    access_key = models.ForeignKey(
+        AccessKey, null=True, blank=True, on_delete=models.RESTRICT, related_name="+"
+    )
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=120)
+    request_count = models.PositiveBigIntegerField(default=0)
+    succeeded_count = models.PositiveBigIntegerField(default=0)
+    # Upstream errors and failures; aborted streams count as neither succeeded nor failed.
+    failed_count = models.PositiveBigIntegerField(default=0)
+    estimated_count = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cache_read_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    reasoning_tokens = models.BigIntegerField(default=0)
+    fee_nanousd = models.BigIntegerField(default=0)
+    model_cost_nanousd = models.BigIntegerField(default=0)
+    cost_nanousd = models.BigIntegerField(default=0)
+    computed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-window_start", "provider", "model", "id"]
+        constraints = [
+            # NULL access_key is folded to 0 (never a real id) in an expression index, so
+            # rows without a key are unique too. `nulls_distinct=False` would say the same
+            # but only PostgreSQL 15+ honours it: SQLite, the embedded default, ignores it.
+            models.UniqueConstraint(
+                models.F("period"),
+                models.F("window_start"),
+                models.F("account"),
+                Coalesce(models.F("access_key"), models.Value(0)),
+                models.F("provider"),
+                models.F("model"),
+                name="usage_rollup_unique_group",
+            ),
+        ]
+        indexes = [models.Index(fields=["account", "period", "window_start"])]
+
+    def __str__(self) -> str:
+        return f"{self.period} {self.window_start:%Y-%m-%d %H:%M} {self.provider}:{self.model}"

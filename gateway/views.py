@@ -30,6 +30,7 @@ from gateway.providers import (
     provider_credential_delete,
     provider_credential_set,
 )
+from gateway.rollups import usage_charts
 from gateway.services import AccessKeyError, access_key_create, access_key_revoke
 
 logger = logging.getLogger(__name__)
@@ -160,11 +161,15 @@ class KeyRevokeView(AccountRequiredMixin, View):
 
 
 class UsageView(AccountRequiredMixin, View):
+    # The charts show this many UTC days, today included.
+    chart_days = 30
+
     def get(self, request):
         records = account_objects(UsageRecord, request.account).select_related("access_key")
         paginator = Paginator(records.order_by("-created_at", "-id"), USAGE_PAGE_SIZE)
         page = paginator.get_page(request.GET.get("page"))
-        context = {"page": page, "rows": usage_rows(page.object_list)}
+        charts = usage_charts(account=request.account, days=self.chart_days, at=timezone.now())
+        context = {"page": page, "rows": usage_rows(page.object_list), "charts": charts}
         return render(request, "gateway/usage.html", context)
 
 

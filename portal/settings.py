@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("TOLLBOOTH_VAR_DIR", BASE_DIR / "var"))
@@ -280,6 +281,11 @@ CELERY_BEAT_SCHEDULE = {
     "check-low-balance-alerts": {
         "task": "credits.tasks.accounts_low_balance_check_all",
         "schedule": timedelta(hours=1),
+    },
+    # Rolls up usage of the hours and days that closed; see gateway/rollups.py.
+    "roll-up-usage": {
+        "task": "gateway.tasks.usage_rollups_refresh_due",
+        "schedule": crontab(minute="*/5"),
     },
 }
 

@@ -2,26 +2,26 @@
 
 The property-based tests run the same random operations against the real services and
 against this model, and compare balance, debt and every lot's remainder exactly. The
-model knows nothing of the database: it states the rules as directly as possible.
+model does not use the database, and states the rules as directly as possible.
 
 Rules:
-- money is integer nano-dollars;
-- a lot is spendable while its status is active and `at < expires_at` (usable one
-  second before `expires_at`, not at it); a lot past `expires_at` never counts, whether
-  or not its expiry has been written yet;
-- a debit draws down spendable lots soonest expiry first, then oldest (`created_at`),
-  then the lot created first; what the lots cannot cover becomes debt;
-- a new lot pays the debt first;
-- an expiry run writes, once per lot, the remainder of every lot whose `expires_at` is
-  at or before the run's time, and leaves the balance unchanged;
-- a batch of debits is applied in order of (`at`, request id), each as one debit;
-- a refund takes what it can from the lot while the lot is spendable; the rest, or all
-  of it when the lot is out of the balance, becomes debt;
-- an open dispute freezes an active lot (out of the balance, untouched); a won dispute
-  makes it active again once no other dispute of it is open; a lost one voids it and
-  writes its remainder off. A dispute closed before it opened is recorded closed, and
-  its opening then changes nothing;
-- each operation carries an idempotency key: repeating it changes nothing.
+- Money is integer nano-dollars.
+- A lot is spendable while its status is active and `at < expires_at` (usable one
+  second before `expires_at`, not at it). A lot past `expires_at` never counts, whether
+  or not its expiry has been written yet.
+- A debit draws down spendable lots soonest expiry first, then oldest (`created_at`),
+  then the lot created first. What the lots cannot cover becomes debt.
+- A new lot pays the debt first.
+- An expiry run writes, once per lot, the remainder of every lot whose `expires_at` is
+  at or before the run's time, and leaves the balance unchanged.
+- A batch of debits is applied in order of (`at`, request id), each as one debit.
+- A refund takes what it can from the lot while the lot is spendable. The rest, or all
+  of it when the lot is out of the balance, becomes debt.
+- An open dispute freezes an active lot (out of the balance, untouched). A won dispute
+  makes it active again once no other dispute of it is open, and a lost one voids it
+  and writes its remainder off. A dispute closed before it opened is recorded closed,
+  and its opening then changes nothing.
+- Each operation carries an idempotency key, so repeating it changes nothing.
 
 Instants are kept in UTC: an aware time in a repeated hour (fold=1) never compares
 equal to the same instant in another zone.
@@ -165,7 +165,7 @@ class LedgerModel:
     def grant(
         self, *, key: str, amount_nanousd: int, at: datetime, expires_at: datetime | None
     ) -> Outcome:
-        """Open a promotional lot; without an expiry it lasts as long as a purchase."""
+        """Open a promotional lot, which without an expiry lasts as long as a purchase."""
         if expires_at is not None and expires_at <= at:
             raise ValueError("A grant's expiry must be after the grant.")
         return self._repeat(key) or self._lot_open(
@@ -177,7 +177,7 @@ class LedgerModel:
         )
 
     def debit(self, *, request_id: str, amount_nanousd: int, at: datetime) -> Outcome:
-        """Charge a request once per request id; what the lots cannot cover becomes debt."""
+        """Charge a request once per request id, turning what the lots cannot cover into debt."""
         key = f"usage:{request_id}"
         repeated = self._repeat(key)
         if repeated is not None:
@@ -210,12 +210,12 @@ class LedgerModel:
         ledger before the batch.
         """
         new = [f"usage:{request_id}" not in self.applied for request_id, _amount, _at in charges]
-        for request_id, amount, at in charges:
+        for request_id, amount, at in sorted(charges, key=lambda charge: (charge[2], charge[0])):
             self.debit(request_id=request_id, amount_nanousd=amount, at=at)
         return new
 
     def refund(self, *, refund_id: str, lot: ModelLot, amount_cents: int, at: datetime) -> Outcome:
-        """Take a refund out of the lot while it is spendable; the rest becomes debt."""
+        """Take a refund out of the lot while it is spendable, and the rest into debt."""
         key = f"refund:{refund_id}"
         repeated = self._repeat(key)
         if repeated is not None:
@@ -234,7 +234,7 @@ class LedgerModel:
         )
 
     def dispute_open(self, *, dispute_id: str, lot: ModelLot, at: datetime) -> Outcome:
-        """Freeze an active lot, once per dispute; a dispute already recorded is left alone."""
+        """Freeze an active lot, once per dispute, leaving a dispute already recorded alone."""
         if dispute_id in self.disputes:
             return Outcome(applied=False)
         change = -lot.remaining_nanousd if lot.spendable(at) else 0
@@ -278,7 +278,7 @@ class LedgerModel:
         )
 
     def expire_due(self, *, at: datetime) -> list[ModelLot]:
-        """Write off the remainder of every lot due at `at`; return the lots written."""
+        """Write off the remainder of every lot due at `at`, and return the lots written."""
         due = [lot for lot in self.lots if lot.expires_at <= at and lot.expired_at is None]
         for lot in due:
             lot.remaining_nanousd = 0

@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 
 def race(tasks: list[Callable[[], T]]) -> list[T]:
-    """Run every task on the pool, all released together; return results in task order.
+    """Run every task on the pool, all released together, and return results in task order.
 
     Each task closes its thread's database connection when it ends, so no connection
     outlives the test database.
@@ -90,9 +90,9 @@ class Gateway:
                 self.in_flight -= 1
 
 
-def test_racing_debits_lose_no_update_and_overshoot_at_most_the_debits_in_flight(owner):
+def test_racing_debits_bound_overshoot_by_in_flight(owner):
     cost = 1_234_567
-    # The lot covers 60 debits and part of the 61st; 200 race for it.
+    # The lot covers 60 debits and part of the 61st, and 200 race for it.
     lot = credit_grant(account=owner.account, amount_nanousd=60 * cost + cost // 2, reason="race")
     gateway = Gateway(owner.account.pk, cost)
 
@@ -124,7 +124,7 @@ def test_racing_debits_lose_no_update_and_overshoot_at_most_the_debits_in_flight
     assert ledger_violations(account=owner.account) == []
 
 
-def test_same_request_id_debited_at_once_is_charged_once(owner):
+def test_concurrent_duplicate_debit_charged_once(owner):
     credit_grant(account=owner.account, amount_nanousd=100 * CENT, reason="race")
     cost = 777_777
     request_ids = [f"req_dup_{n}" for n in range(20)]
@@ -152,7 +152,7 @@ def test_same_request_id_debited_at_once_is_charged_once(owner):
     assert ledger_violations(account=owner.account) == []
 
 
-def test_purchase_fulfilment_racing_its_duplicates_makes_one_lot(owner):
+def test_concurrent_duplicate_fulfilment_one_lot(owner):
     # Debt of 3 cents, to be paid once, out of the first lot only.
     usage_debit(account_id=owner.account.pk, request_id="req_debt", amount_nanousd=3 * CENT)
     sessions = [f"cs_race_{n}" for n in range(10)]
@@ -192,7 +192,7 @@ def test_purchase_fulfilment_racing_its_duplicates_makes_one_lot(owner):
     assert ledger_violations(account=owner.account) == []
 
 
-def test_debits_purchases_and_expiry_runs_racing_keep_the_ledger_sound(owner):
+def test_mixed_concurrent_operations_keep_ledger_sound(owner):
     now = timezone.now()
     stale = credit_grant(
         account=owner.account,
@@ -227,7 +227,8 @@ def test_debits_purchases_and_expiry_runs_racing_keep_the_ledger_sound(owner):
 
     stale.refresh_from_db()
     owner.account.refresh_from_db()
-    assert (stale.remaining_nanousd, stale.expired_at is not None) == (0, True)
+    assert stale.remaining_nanousd == 0
+    assert stale.expired_at is not None
     assert LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.EXPIRY).count() == 1
     bought = 5 * CENT + 10 * 5 * CENT
     spent = 120 * cost
@@ -237,12 +238,10 @@ def test_debits_purchases_and_expiry_runs_racing_keep_the_ledger_sound(owner):
     assert ledger_violations(account=owner.account) == []
 
 
-def test_balance_read_before_a_debit_commits_is_not_served_from_cache_after_it(
-    funded, monkeypatch
-):
+def test_cached_balance_never_predates_a_debit(funded, monkeypatch):
     """A reader that computed the balance before a debit must not cache it after the debit.
 
-    The reader thread pauses between reading the database and writing the cache; the
+    The reader thread pauses between reading the database and writing the cache, and the
     debit commits (and evicts) in that gap.
     """
     account_id = funded.account.pk

@@ -1,11 +1,12 @@
 """Random sequences of ledger operations match the reference model after every step.
 
-Each example runs purchases, grants (some backdated), single and batched debits,
-refunds, dispute openings and closings, repeated deliveries of all of these, expiry runs
-and time jumps, at random instants spelled in a random time zone, against the real
-services and against `tests.ledger_model`. After every step it compares balance, debt,
-every lot and every dispute exactly and checks the ledger invariants. Each example runs
-in a transaction that is rolled back, so the next one starts from an empty ledger.
+Each example is a random sequence of purchases, grants (some backdated), single and
+batched debits, refunds, dispute openings and closings, repeated deliveries of all of
+these, expiry runs and time jumps. Each runs at a random instant, spelled in a random
+time zone, against the real services and against `tests.ledger_model`. After every
+step the test compares balance, debt, every lot and every dispute exactly, and checks
+the ledger invariants. Each example runs in a transaction that is rolled back, so the
+next one starts from an empty ledger.
 """
 
 from collections.abc import Callable
@@ -54,8 +55,8 @@ class Purchase:
 @dataclass(frozen=True)
 class Grant:
     amount_nanousd: int
-    # None: the default lifetime; a timedelta: that long from now; an int: the same
-    # expiry as an earlier lot (a tie that the age or the id must break).
+    # None means the default lifetime, a timedelta that long from now, and an int the
+    # same expiry as an earlier lot (a tie that the age or the id must break).
     expiry: timedelta | int | None
 
 
@@ -79,7 +80,7 @@ class Debit:
 
 @dataclass(frozen=True)
 class DebitBatch:
-    """Charges metered together as (amount, seconds ago); maybe the first one twice."""
+    """Charges metered together as (amount, seconds ago), maybe with the first one twice."""
 
     charges: tuple[tuple[int, int], ...]
     repeat_first: bool
@@ -127,7 +128,7 @@ class AdvanceToExpiry:
 
 
 picks = st.integers(min_value=0, max_value=63)
-# Tiny amounts split lots at odd places; large ones drain several lots into debt.
+# Tiny amounts split lots at odd places, and large ones drain several lots into debt.
 amounts = st.one_of(
     st.integers(min_value=1, max_value=10_000), st.integers(min_value=CENT, max_value=6 * CENT)
 )
@@ -374,7 +375,7 @@ class Run:
             dispute_id = self.name("dp")
             self.dispute_ids.append(dispute_id)
             lot = lots[pick % len(lots)]
-            # Its opening can be delivered later, by a retry; it must change nothing.
+            # A retry can deliver its opening later, and that must change nothing.
             self.operations.append(lambda: self.dispute_open(dispute_id, lot))
         else:
             dispute_id = self.dispute_ids[pick % len(self.dispute_ids)]
@@ -404,7 +405,7 @@ class Run:
         )
 
     def check(self) -> None:
-        """Compare balance, debt, lots and disputes with the model; check the invariants."""
+        """Compare balance, debt, lots and disputes with the model, and check the invariants."""
         model = self.model
         self.account.refresh_from_db()
         assert self.account.debt_nanousd == model.debt_nanousd
@@ -496,14 +497,12 @@ class Run:
 @given(
     start=starts,
     zone=st.sampled_from(ZONES).map(ZoneInfo),
-    # Drawing the length first spreads it evenly; a plain list would be mostly short.
+    # Drawing the length first spreads it evenly, because a plain list is mostly short.
     sequence=st.integers(min_value=1, max_value=30).flatmap(
         lambda size: st.lists(steps, min_size=size, max_size=size)
     ),
 )
-def test_random_operations_match_the_reference_model_after_every_step(
-    owner, start, zone, sequence
-):
+def test_random_operations_match_reference_model(owner, start, zone, sequence):
     with transaction.atomic():
         try:
             run = Run(owner.account, start.astimezone(UTC), zone)
@@ -513,7 +512,7 @@ def test_random_operations_match_the_reference_model_after_every_step(
             transaction.set_rollback(True)
 
 
-def test_overshoot_debt_is_paid_first_out_of_the_next_purchase(owner):
+def test_overshoot_debt_paid_from_next_purchase(owner):
     start = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
     run = Run(owner.account, start, ZoneInfo("UTC"))
     for step in [
@@ -556,7 +555,7 @@ def test_check_ledger_passes_a_sound_ledger(owner, outsider):
     assert ledger_violations(account=owner.account) == []
 
 
-def test_check_ledger_fails_when_a_lot_disagrees_with_its_entries(owner, outsider, capsys):
+def test_check_ledger_fails_on_lot_mismatch(owner, outsider, capsys):
     lot = credit_grant(account=owner.account, amount_nanousd=USD, reason="promo")
     usage_debit(account_id=owner.account.pk, request_id="req_bad", amount_nanousd=300)
     CreditLot.objects.filter(pk=lot.pk).update(remaining_nanousd=USD)
@@ -570,7 +569,7 @@ def test_check_ledger_fails_when_a_lot_disagrees_with_its_entries(owner, outside
     call_command("check_ledger", account="outsider")
 
 
-def test_check_ledger_fails_when_debt_disagrees_with_its_entries(owner):
+def test_check_ledger_fails_on_debt_mismatch(owner):
     usage_debit(account_id=owner.account.pk, request_id="req_debt", amount_nanousd=900)
     Account.objects.filter(pk=owner.account.pk).update(debt_nanousd=100)
 
@@ -578,7 +577,7 @@ def test_check_ledger_fails_when_debt_disagrees_with_its_entries(owner):
         call_command("check_ledger", account="acme")
 
 
-def test_check_ledger_fails_when_an_entry_is_deleted(funded):
+def test_check_ledger_fails_on_deleted_entry(funded):
     usage_debit(account_id=funded.account.pk, request_id="req_gone", amount_nanousd=5_000)
     LedgerEntry.objects.filter(transaction__request_id="req_gone").delete()
 

@@ -18,8 +18,8 @@ TOKENS_PER_MTOK = 1_000_000
 DEFAULT_FEE_PER_TOKEN = 50
 
 token_counts = st.integers(min_value=0, max_value=50_000_000)
-# Nano-dollars per million tokens, from free to USD 1,000 per million tokens; odd
-# values make fractional nano-dollars per token.
+# Nano-dollars per million tokens, from free to USD 1,000 per million tokens. Values
+# that are not multiples of a million make fractional nano-dollars per token.
 per_mtok = st.integers(min_value=0, max_value=1_000_000_000_000)
 usages = st.builds(
     TokenUsage,
@@ -59,7 +59,7 @@ def billed_tokens(usage: TokenUsage) -> int:
 
 @settings(max_examples=300, deadline=None)
 @given(usage=usages, price=prices)
-def test_cost_is_the_exact_cost_rounded_up_once_at_the_default_fee(usage, price):
+def test_default_fee_cost_rounds_up_once(usage, price):
     exact_fee = Fraction(billed_tokens(usage) * DEFAULT_FEE_PER_TOKEN)
     exact = exact_fee + exact_model_cost(usage, price)
 
@@ -73,7 +73,7 @@ def test_cost_is_the_exact_cost_rounded_up_once_at_the_default_fee(usage, price)
 
 @settings(max_examples=300, deadline=None)
 @given(usage=usages, price=prices, fee_per_mtok=per_mtok)
-def test_cost_is_never_below_the_exact_cost_at_any_fee(usage, price, fee_per_mtok):
+def test_any_fee_cost_never_below_exact(usage, price, fee_per_mtok):
     exact_fee = Fraction(billed_tokens(usage) * fee_per_mtok, TOKENS_PER_MTOK)
     exact = exact_fee + exact_model_cost(usage, price)
 
@@ -88,7 +88,7 @@ def test_cost_is_never_below_the_exact_cost_at_any_fee(usage, price, fee_per_mto
 
 
 @given(usage=usages, price=prices, reasoning=token_counts)
-def test_reasoning_tokens_are_not_charged_on_top_of_output(usage, price, reasoning):
+def test_reasoning_tokens_not_charged_twice(usage, price, reasoning):
     with_reasoning = TokenUsage(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
@@ -103,7 +103,7 @@ def test_reasoning_tokens_are_not_charged_on_top_of_output(usage, price, reasoni
 
 
 @pytest.mark.parametrize("tokens", [0, 1, 7, 999_999, 1_000_000, 123_456_789])
-def test_fee_is_exactly_50_nanousd_per_token_by_default(tokens):
+def test_default_fee_is_50_nanousd_per_token(tokens):
     usage = TokenUsage(input_tokens=tokens // 2, output_tokens=tokens - tokens // 2)
 
     cost = request_cost(usage=usage, price=None)
@@ -115,7 +115,7 @@ def test_fee_is_exactly_50_nanousd_per_token_by_default(tokens):
     )
 
 
-def test_fractions_of_several_token_kinds_are_summed_before_the_one_rounding():
+def test_token_fractions_summed_before_rounding():
     # Half a nano-dollar for the input token and half for the output token: exactly one
     # nano-dollar, where rounding each part up would charge two.
     usage = TokenUsage(input_tokens=1, output_tokens=1)
@@ -126,7 +126,7 @@ def test_fractions_of_several_token_kinds_are_summed_before_the_one_rounding():
     assert (cost.fee_nanousd, cost.model_cost_nanousd, cost.total_nanousd) == (100, 1, 101)
 
 
-def test_a_fraction_of_a_nanousd_rounds_up_to_one():
+def test_sub_nanousd_cost_rounds_up_to_one():
     usage = TokenUsage(input_tokens=1)
     price = Price(input=1, output=0, cache_read=0, cache_write=0)
 
@@ -136,7 +136,7 @@ def test_a_fraction_of_a_nanousd_rounds_up_to_one():
 
 
 @override_settings(GATEWAY_FEE_NANOUSD_PER_MTOK=1)
-def test_fee_and_model_fractions_round_up_once_together():
+def test_fee_and_model_fractions_round_once():
     # Fee 0.000001 and model cost 0.000002 nano-dollars: one nano-dollar in all, billed
     # as fee because the fee is rounded up first and the rest lands on the model cost.
     usage = TokenUsage(input_tokens=1)

@@ -1,6 +1,6 @@
 """Expiry is the same instant whatever the server's time zone.
 
-Storage is UTC; `TIME_ZONE` only changes how times are shown. Each test runs in several
+Storage is UTC, and `TIME_ZONE` only changes how times are shown. Each test runs in several
 server zones, with that zone active, and passes instants spelled in that zone.
 """
 
@@ -11,7 +11,8 @@ import pytest
 import time_machine
 from dateutil.relativedelta import relativedelta
 from django.utils import timezone
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from credits.models import CreditLot, LedgerTransaction
@@ -35,7 +36,7 @@ ZONES = [
     "Australia/Lord_Howe",
     "Pacific/Kiritimati",
 ]
-# Zones ahead of UTC on 31 December: their New Year's Eve evening is still 31 December
+# Zones ahead of UTC on 31 December. Their New Year's Eve evening is still 31 December
 # in UTC.
 ZONES_AHEAD = ["Asia/Kolkata", "Pacific/Chatham", "Australia/Lord_Howe", "Pacific/Kiritimati"]
 SECOND = timedelta(seconds=1)
@@ -68,9 +69,7 @@ def buy(account, session_id: str, cents: int, at: datetime | None = None) -> Cre
     [datetime(2027, 1, 1, 0, 0), datetime(2026, 11, 1, 1, 30, fold=1)],
     ids=["new-year-midnight", "repeated-hour-of-dst-end"],
 )
-def test_granted_lot_is_usable_one_second_before_expiry_and_not_at_it(
-    owner, server_zone, wall_clock
-):
+def test_lot_usable_until_one_second_before_expiry(owner, server_zone, wall_clock):
     expiry = wall_clock.replace(tzinfo=server_zone)
     lot = credit_grant(
         account=owner.account,
@@ -103,7 +102,7 @@ def test_granted_lot_is_usable_one_second_before_expiry_and_not_at_it(
     assert ledger_violations(account=owner.account, at=expiry) == []
 
 
-def test_clock_reaching_expiry_ends_the_lot_in_every_zone(owner, server_zone):
+def test_lot_ends_when_clock_reaches_expiry(owner, server_zone):
     bought = datetime(2026, 6, 15, 9, 45, tzinfo=server_zone)
     with time_machine.travel(bought, tick=False):
         lot = buy(owner.account, "cs_clock", 500)
@@ -125,7 +124,7 @@ def test_clock_reaching_expiry_ends_the_lot_in_every_zone(owner, server_zone):
     ]
 
 
-def test_lot_bought_29_february_expires_28_february_next_year(owner, server_zone):
+def test_leap_day_lot_expires_28_february(owner, server_zone):
     # 08:00 UTC on 29 February 2028 is 29 February in every zone tested, and so is
     # 08:00 UTC on 28 February 2029.
     bought = datetime(2028, 2, 29, 8, 0, tzinfo=UTC).astimezone(server_zone)
@@ -142,9 +141,7 @@ def test_lot_bought_29_february_expires_28_february_next_year(owner, server_zone
 
 
 @pytest.mark.parametrize("zone_name", ZONES_AHEAD)
-def test_lot_bought_late_on_31_december_ahead_of_utc_expires_one_year_later(
-    owner, settings, zone_name
-):
+def test_new_year_eve_lot_expires_one_year_later(owner, settings, zone_name):
     zone = ZoneInfo(zone_name)
     settings.TIME_ZONE = zone_name
     bought = datetime(2025, 12, 31, 23, 30, tzinfo=zone)
@@ -167,14 +164,14 @@ def test_lot_bought_late_on_31_december_ahead_of_utc_expires_one_year_later(
     assert account_balance(account_id=owner.account.pk, at=expected).balance_nanousd == 0
 
 
-@settings(max_examples=200, deadline=None)
+@hypothesis_settings(max_examples=200, deadline=None)
 @given(
     instant=st.datetimes(
         min_value=datetime(2000, 1, 1), max_value=datetime(2090, 12, 31), timezones=st.just(UTC)
     ),
     zone=st.sampled_from(ZONES + ["Europe/London", "America/Santiago"]).map(ZoneInfo),
 )
-def test_expiry_depends_on_the_instant_not_the_zone_it_is_spelled_in(instant, zone):
+def test_expiry_ignores_the_spelling_zone(instant, zone):
     expected = instant + relativedelta(years=1)
 
     assert lot_expiry_for(instant.astimezone(zone)) == expected

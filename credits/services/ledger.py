@@ -25,7 +25,7 @@ from credits.money import nanousd_from_cents
 logger = logging.getLogger(__name__)
 
 BALANCE_CACHE_KEY = "credits:balance:{account_id}"
-# Bumped by every ledger write; a balance cached under an older generation is never served.
+# Every ledger write bumps it, so a balance cached under an older generation is never served.
 BALANCE_GENERATION_KEY = "credits:balance-generation:{account_id}"
 
 
