@@ -1,1 +1,1 @@
-"""Benchmarks of the Tollbooth gateway; `python -m bench.gateway` runs the comparison."""
+"""Benchmarks of the Tollbooth gateway. `python -m bench.gateway` runs the comparison."""

@@ -6,7 +6,7 @@ import json
 import subprocess
 from typing import Any
 
-from bench.services import PYTHON, ROOT, BenchError, base_env
+from bench.services import PYTHON, ROOT, BenchError, base_env, die_with_parent
 
 MODEL = "gpt-4o-mini"
 PROMPT = "Write a short greeting for a benchmark run."
@@ -24,6 +24,7 @@ def loadgen(spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     try:
         out, err = process.communicate(json.dumps(spec).encode(), timeout=timeout)
@@ -53,7 +54,7 @@ def stream_body() -> dict[str, Any]:
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": STREAM_TOKENS,
         "stream": True,
-        # Metering clients ask for the usage chunk; both gateways then read the upstream's
+        # Metering clients request the usage chunk, so both gateways read the upstream's
         # token counts instead of counting tokens themselves.
         "stream_options": {"include_usage": True},
     }

@@ -32,8 +32,8 @@ class Plan:
     max_rate: float
     p99_bound_ms: float
     rate_timeout: float  # seconds to wait for stragglers after a rate phase
-    # The fixed-rate phase stops early once its p99 is sure to exceed this: the target
-    # cannot sustain the rate, and more load would only grow its backlog.
+    # The fixed-rate phase stops early once its p99 is sure to exceed this, because the
+    # target cannot sustain the rate and more load would only grow its backlog.
     fixed_give_up_ms: float
 
 
@@ -114,10 +114,11 @@ def rate_run(
     timeout: float,
     late_ms: float,
 ) -> dict[str, Any]:
-    """Send `rate` requests per second to one target; add CPU per request to the result."""
+    """Send `rate` requests per second to one target and measure its CPU per request."""
     waited = wait_idle(list(run.services.values()))
     if waited > 1.0:
         progress(f"Waited {waited:.1f} s for the servers to finish earlier requests")
+
     service = run.services[name]
     spec = rate_spec(
         run.clients[name],
@@ -131,7 +132,8 @@ def rate_run(
     pg_before = backend_cpu(run.args.database_url) if name == "tollbooth" else {}
     raw = loadgen(spec, timeout=seconds + warmup + timeout + 60)
     cpu = service.cpu_seconds() - cpu_before
-    # CPU time is divided among the requests that were answered, warm-up included.
+
+    # CPU time is divided among the successful responses, warm-up included.
     answered = max(raw["ok_total"], 1)
     result = {
         "rate": rate,
@@ -182,9 +184,9 @@ def capacity_search(run: Run, plan: Plan, name: str, *, start: float) -> dict[st
 
     The rate goes up by `step_factor` from `start` while steps pass (or down while they
     fail), then the gap between the last pass and the first failure is bisected
-    geometrically `refine` times. A step passes when every request got the expected
-    answer and the p99 latency, counted from when the request was due, is at most
-    `p99_bound_ms`; counting from the due time makes queueing in the client count too.
+    geometrically `refine` times. A step passes when every response is the expected one
+    and the p99 latency, counted from when the request was due, is at most
+    `p99_bound_ms`. Counting from the due time makes queueing in the client count too.
     A step stops early, and fails, as soon as more than 1% of its requests are later
     than the bound.
     """
@@ -270,9 +272,9 @@ def capacity_search(run: Run, plan: Plan, name: str, *, start: float) -> dict[st
 def phase_capacity(run: Run, plan: Plan, concurrency1: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name in measured(run):
-        # A server that answers one request in L ms at concurrency 1 serves at least
-        # about 1000/L per second once requests overlap; starting at half of that saves
-        # steps without starting above the capacity.
+        # A server that responds in L ms at concurrency 1 serves at least about 1000/L
+        # requests per second once requests overlap (an estimate: the client and the
+        # upstream share that time). Half of it is a start below the capacity.
         mean_ms = concurrency1[name]["latency"]["mean"] or 10.0
         out[name] = capacity_search(run, plan, name, start=500.0 / mean_ms)
     return out

@@ -88,8 +88,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{', '.join(str(value) for value in results['load_average_before'])}, after "
         f"{', '.join(str(value) for value in results.get('load_average_after', []))}.",
         f"Model {request['model']}, {request['output_tokens']} output tokens "
-        f"({request['stream_output_tokens']} for streams); {results['workers']} worker "
-        'process per server. Times in milliseconds. "Added" is the target\'s figure '
+        f"({request['stream_output_tokens']} for streams); worker processes per server: "
+        f"{results['workers']}. Times in milliseconds. Added means the target's figure "
         "minus the direct target's. The last two columns divide Tollbooth's figure by "
         "the direct target's and by LiteLLM's.",
         "",
@@ -127,7 +127,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
         )
     rate = f"{plan['fixed_rate']:g} req/s for {plan['fixed_seconds']:g} s"
-    # A target that could not keep up was stopped early; its percentiles are not comparable.
+    # A target that could not keep up was stopped early, so its percentiles are not comparable.
     overloaded = {
         name: f"overloaded (p99 > {plan['fixed_give_up_ms']:g} ms)"
         for name, entry in fixed.items()
@@ -189,14 +189,16 @@ def markdown(results: dict[str, Any]) -> str:
 
     lines += ["", "| Goal | Target | Measured | Result |", "|---|---|---:|---|"]
     for check in results["checks"]:
-        if check["value"] is None:
+        if check.get("text"):
+            measured = check["text"]
+        elif check["value"] is None:
             measured = NOT_MEASURED
         elif check["unit"] == "x":
             measured = times(check["value"])
         else:
             measured = f"{check['value']:.2f} ms"
         if check["passed"] is None:
-            # A value without a verdict: a throughput search reached its ceiling rate.
+            # A value without a verdict means a throughput search reached its ceiling rate.
             result = NOT_MEASURED if check["value"] is None else "UNDECIDED (rate ceiling)"
         else:
             result = "PASS" if check["passed"] else "FAIL"

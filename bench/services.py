@@ -30,17 +30,15 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 # Loaded before any fork: a child must not load libraries between fork and exec.
 _LIBC = ctypes.CDLL(None, use_errno=True)
-
-
 _STARTED = time.monotonic()
 
 
 class BenchError(RuntimeError):
-    """The benchmark cannot go on; the message says why."""
+    """An error that ends the benchmark; the message gives the reason."""
 
 
 class ServiceError(RuntimeError):
-    """A service did not start or stopped answering."""
+    """A service failed to start or stopped responding."""
 
 
 def progress(message: str) -> None:
@@ -60,7 +58,7 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the kernel to send SIGTERM to this child if the benchmark script dies."""
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -79,7 +77,7 @@ def port_open(port: int) -> bool:
 
 
 def http_get_status(port: int, path: str, headers: dict[str, str] | None = None) -> int:
-    """GET a path on 127.0.0.1 and return the status; http.client ignores proxy settings."""
+    """GET a path on 127.0.0.1 and return the status (http.client ignores proxy settings)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         connection.request("GET", path, headers=headers or {})
@@ -100,7 +98,7 @@ def _stat_fields(pid: int) -> list[str] | None:
             raw = handle.read().decode(errors="replace")
     except OSError:
         return None
-    # The command name may hold spaces and parentheses; it ends at the last ")".
+    # The command name may contain spaces and parentheses, but it ends at the last ")".
     return raw[raw.rfind(")") + 2 :].split()
 
 
@@ -152,7 +150,7 @@ def cpu_seconds(pid: int) -> float:
     fields = _stat_fields(pid)
     if fields is None:
         return 0.0
-    # utime, stime, cutime, cstime are fields 14-17 of stat; the list starts at field 3.
+    # utime, stime, cutime and cstime are fields 14-17 of stat, and the list starts at 3.
     return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
 
 
@@ -199,7 +197,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def alive(self) -> bool:
@@ -228,7 +226,7 @@ class Service:
                 pass
             time.sleep(0.2)
         raise ServiceError(
-            f"{self.name} did not answer on 127.0.0.1:{self.port} within {timeout:.0f} s; "
+            f"{self.name} did not respond on 127.0.0.1:{self.port} within {timeout:.0f} s; "
             f"last lines of {self.log_path}:\n{self.log_tail()}"
         )
 
@@ -303,10 +301,10 @@ class MemoryWatch:
 
 
 def wait_idle(services: list[Service], *, limit: float = 15.0, busy_share: float = 0.05) -> float:
-    """Wait until none of the services uses more than `busy_share` of a core; return seconds.
+    """Wait until no service uses more than `busy_share` of a core; return the seconds waited.
 
     A rate step beyond a server's capacity leaves a backlog that the server keeps working
-    through after the client gave up; the next step must not start on top of it.
+    through after the client gave up. The next step must not start on top of it.
     """
     started = time.monotonic()
     window = 0.2

@@ -14,8 +14,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import platform
 import secrets
 import shutil
 import subprocess
@@ -44,57 +42,15 @@ from bench.services import (
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/tb_bench"
-
-
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/2"
-
-
 DEFAULT_LITELLM_VENV = ROOT.parent / "bench-venv"
-
-
-# Pinned so that reruns compare against the same LiteLLM; httptools gives LiteLLM's
-# uvicorn the same HTTP parser as Tollbooth's (LiteLLM's proxy extra leaves it out).
+# Pinned so that reruns compare against the same LiteLLM. httptools gives LiteLLM's
+# uvicorn the same HTTP parser as Tollbooth's, since LiteLLM's proxy extra leaves it out.
 LITELLM_PACKAGES = ("litellm[proxy]==1.108.7", "httptools")
-
-
 TARGETS = ("direct", "tollbooth", "litellm")
 
-# Seconds a service may take to answer after it is started. LiteLLM imports a lot.
+# Seconds a service may take to respond after it is started. LiteLLM imports a lot.
 START_TIMEOUT = {"direct": 30.0, "tollbooth": 60.0, "litellm": 180.0}
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    memory_kib = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                memory_kib = int(line.split()[1])
-                break
-    os_name = ""
-    with contextlib.suppress(OSError), open("/etc/os-release") as handle:
-        for line in handle:
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip().strip('"')
-    return {
-        "cpu_model": cpu_model,
-        "nproc": len(os.sched_getaffinity(0)),
-        "memory_gib": round(memory_kib / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "os": os_name,
-    }
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def database_name(url: str) -> str:
@@ -125,7 +81,7 @@ def database_recreate(url: str, *, fresh: bool) -> bool:
     """Drop and create the database, as a copy of the migrated template if there is one.
 
     Return whether the copy was made. dj-stripe's migrations alone take a minute of CPU,
-    so the first run keeps a migrated template; its name carries a hash of every
+    so the first run keeps a migrated template. Its name contains a hash of every
     migration file and of requirements.lock, so a change to either makes a new one.
     """
     name = database_name(url)
@@ -192,8 +148,8 @@ def backend_cpu(url: str) -> dict[int, float]:
 
 
 def backend_cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    # Backends opened during the phase count from zero; closed ones are lost (rare, since
-    # Django keeps its connections open).
+    # Backends opened during the phase count from zero. Closed ones are lost, which is
+    # rare because Django keeps its connections open.
     return sum(value - before.get(pid, 0.0) for pid, value in after.items())
 
 
@@ -214,7 +170,7 @@ def redis_version(url: str) -> str:
 
 
 def check_locations(database_url: str, redis_url: str) -> None:
-    """Refuse URLs whose data this script would destroy by mistake."""
+    """Reject URLs whose data this script would destroy by mistake."""
     if "bench" not in database_name(database_url):
         raise BenchError(
             f"The database {database_name(database_url)!r} is dropped and created again at "
@@ -246,6 +202,8 @@ class Run:
         self.clients: dict[str, dict[str, Any]] = {}
         self.commands: dict[str, list[str]] = {}
         self.not_measured: dict[str, str] = {}
+        # Successful responses to the smoke check's requests, per target.
+        self.smoke_ok: dict[str, int] = {}
 
     def close(self) -> None:
         self.stack.close()
@@ -369,6 +327,7 @@ def prepare_tollbooth(run: Run, *, upstream_port: int) -> tuple[dict[str, str], 
     var_dir = run.workdir / "tollbooth-var"
     var_dir.mkdir()
     env = tollbooth_env(args, port=port, upstream_port=upstream_port, var_dir=var_dir)
+
     redis_flush(args.redis_url)
     run.stack.callback(redis_flush, args.redis_url)
     copied = database_recreate(args.database_url, fresh=args.fresh_db)
@@ -379,6 +338,7 @@ def prepare_tollbooth(run: Run, *, upstream_port: int) -> tuple[dict[str, str], 
     manage(env, "migrate", "--no-input")
     if not copied:
         template_save(args.database_url)
+
     manage(
         env,
         "create_account",
@@ -414,6 +374,7 @@ def prepare_tollbooth(run: Run, *, upstream_port: int) -> tuple[dict[str, str], 
     key = output.strip().splitlines()[-1].strip() if output.strip() else ""
     if not key.startswith("tb_"):
         raise BenchError("manage.py create_access_key printed no key.")
+
     run.clients["tollbooth"] = {
         "name": "tollbooth",
         "host": "127.0.0.1",
@@ -518,8 +479,8 @@ def litellm_env(venv: Path, *, home: Path, upstream_port: int) -> dict[str, str]
     env = base_env()
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
     env["HOME"] = str(home)
-    # Keep LiteLLM off the network: its bundled cost map and header lists are used, and
-    # the URLs it would fetch them from point at the local upstream, which answers 404.
+    # Keep LiteLLM off the network. It uses its bundled cost map and header lists, and the
+    # URLs it would fetch them from point at the local upstream, which returns 404.
     local = f"http://127.0.0.1:{upstream_port}/not-found"
     env.update(
         {
@@ -547,6 +508,7 @@ def start_litellm(run: Run, *, upstream_port: int) -> None:
         return
     venv = Path(args.litellm_venv)
     port = free_port()
+
     master_key = "sk-bench-" + secrets.token_hex(16)
     config_path = run.workdir / "litellm.yaml"
     config_path.write_text(litellm_config(upstream_port=upstream_port, master_key=master_key))
@@ -554,6 +516,7 @@ def start_litellm(run: Run, *, upstream_port: int) -> None:
     log_config_path.write_text(json.dumps(LITELLM_LOG_CONFIG))
     home = run.workdir / "litellm-home"
     home.mkdir()
+
     service = Service(
         name="litellm",
         argv=[
@@ -576,6 +539,7 @@ def start_litellm(run: Run, *, upstream_port: int) -> None:
     )
     run.launch(service)
     run.commands["litellm"] = service.argv
+
     run.clients["litellm"] = {
         "name": "litellm",
         "host": "127.0.0.1",
@@ -591,6 +555,7 @@ def smoke_check(run: Run, name: str) -> str:
     for stream in (False, True):
         spec = sequential_spec([client], stream=stream, requests=3, warmup=0, round_size=3)
         result = loadgen(spec, timeout=60)["targets"][name]
+        run.smoke_ok[name] = run.smoke_ok.get(name, 0) + result["ok_total"]
         if result["errors"]:
             kind = "streamed" if stream else "non-streamed"
             return f"{kind} requests failed: " + "; ".join(result["error_samples"])
@@ -598,13 +563,13 @@ def smoke_check(run: Run, name: str) -> str:
 
 
 def bring_up(run: Run) -> None:
-    """Start the upstream and the three targets and check that each answers correctly."""
+    """Start the upstream and the three targets and check each target's responses."""
     upstream_port = start_upstream(run)
     progress(f"Upstream ready on 127.0.0.1:{upstream_port}")
     if run.args.no_litellm:
         run.not_measured["litellm"] = "--no-litellm was given"
     else:
-        # LiteLLM takes long to import; it starts while Tollbooth's database is prepared.
+        # LiteLLM takes long to import, so it starts while Tollbooth's database is prepared.
         start_litellm(run, upstream_port=upstream_port)
     progress("Preparing Tollbooth's database (migrate, account, grant, key)")
     env, port = prepare_tollbooth(run, upstream_port=upstream_port)
@@ -632,10 +597,10 @@ def bring_up(run: Run) -> None:
             continue
         log = run.services[name].log_tail()
         if name == "litellm":
-            run.not_measured["litellm"] = f"the proxy answered wrongly: {problem}\n{log}"
+            run.not_measured["litellm"] = f"unexpected responses: {problem}\n{log}"
             run.stop("litellm")
         else:
-            raise BenchError(f"{name} answered wrongly: {problem}\n{log}")
+            raise BenchError(f"{name} returned unexpected responses: {problem}\n{log}")
 
 
 def measured(run: Run) -> list[str]:

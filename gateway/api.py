@@ -436,8 +436,8 @@ class UsageOverviewQuerySerializer(serializers.Serializer):
             raise serializers.ValidationError(
                 {
                     "end": [
-                        f"The range covers {days} days; period={period} allows at most "
-                        f"{OVERVIEW_MAX_DAYS[period]}."
+                        f"The range covers {days} days, more than the "
+                        f"{OVERVIEW_MAX_DAYS[period]} allowed for period={period}."
                     ]
                 }
             )

@@ -292,8 +292,9 @@ class UsageRollup(models.Model):
     # [window_start, window_start + 1 hour or day).
     window_start = models.DateTimeField()
     account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="usage_rollups")
-    # Keys are revoked, never deleted by the product; deleting a key whose usage is rolled
-    # up is refused, so the history stays whole. Deleting the account deletes both.
+    # The product revokes keys and never deletes them. Deleting a key whose usage is
+    # rolled up raises RestrictedError, so the history stays whole. Deleting the account
+    # deletes both.
     access_key = models.ForeignKey(
         AccessKey, null=True, blank=True, on_delete=models.RESTRICT, related_name="+"
     )
@@ -318,8 +319,8 @@ class UsageRollup(models.Model):
         ordering = ["-window_start", "provider", "model", "id"]
         constraints = [
             # NULL access_key is folded to 0 (never a real id) in an expression index, so
-            # rows without a key are unique too. `nulls_distinct=False` would say the same
-            # but only PostgreSQL 15+ honours it: SQLite, the embedded default, ignores it.
+            # rows without a key are unique too. `nulls_distinct=False` would express the
+            # same, but only PostgreSQL 15+ supports it and Django skips it on SQLite.
             models.UniqueConstraint(
                 models.F("period"),
                 models.F("window_start"),

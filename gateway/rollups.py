@@ -1,12 +1,12 @@
 """Usage rollups: usage records summed per UTC hour and day, and what is read from them.
 
 A window is rolled up once it has closed, by recomputing it from the usage records in
-one GROUP BY and replacing all of its rows, so a rerun writes the same rows again and
-nothing is ever incremented. The overview API and the usage charts read rollups only.
+one GROUP BY and replacing all of its rows. Nothing is ever incremented, so a rerun
+leaves the rows as they are. The overview API and the usage charts read rollups only.
 
-Batched metering stamps a record with the time it was taken and commits it a few
-seconds later, so a window can gain records after it was rolled up; every run of
-`usage_rollups_refresh_due` recomputes the windows that closed within
+Batched metering stamps a record before it commits it, which under load can be seconds
+later, so a window can gain records after it was rolled up. Every run of
+`usage_rollups_refresh_due` therefore recomputes the windows that closed within
 `ROLLUP_LOOKBACK`. A record that lands later than that is only counted after an
 explicit `usage_rollups_refresh` of its window.
 """
@@ -34,13 +34,14 @@ PERIOD_LENGTHS = {Period.HOUR: timedelta(hours=1), Period.DAY: timedelta(days=1)
 # Every run recomputes the windows that closed within this time: three hourly windows,
 # and the last day for the first three hours after midnight UTC.
 ROLLUP_LOOKBACK = timedelta(hours=3)
-# A run catches up on at most this many windows of each period, oldest first; the next
-# run goes on from there (a first run over a long history, or after a long outage).
+# A run catches up on at most this many windows of each period, oldest first, and the
+# next run goes on from there. This bounds a first run over a long history.
 WINDOWS_PER_RUN_MAX = 500
 # PostgreSQL advisory lock that serialises refreshes, so two runs cannot both delete a
-# window and then both insert it. SQLite already runs one writer at a time.
+# window and then both insert it. SQLite already runs one writer at a time. The id is
+# "tollroll" in ASCII.
 REFRESH_LOCK_ID = 0x746F6C6C_726F6C6C
-# Longest range the overview reads at once, in UTC days (both ends included).
+# Maximum range the overview reads at once, in UTC days (both ends included).
 OVERVIEW_MAX_DAYS = {Period.DAY: 400, Period.HOUR: 31}
 
 # Sums kept per rollup row, in the order the API lists them. Tokens are counts and
@@ -86,7 +87,7 @@ def window_floor(*, period: str, at: datetime) -> datetime:
         return moment.replace(minute=0, second=0, microsecond=0)
     if period == Period.DAY:
         return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    raise RollupError(f"Unknown period {period!r}; use hour or day.")
+    raise RollupError(f"Invalid period {period!r}: use hour or day.")
 
 
 def _lock_refreshes() -> None:
@@ -100,7 +101,7 @@ GROUP_KEY = ("account_id", "access_key_id", "provider", "model")
 
 @dataclass(frozen=True)
 class WindowRefresh:
-    """What a refresh found: the window's row count, and whether it had to rewrite them."""
+    """Result of a window refresh: its row count, and whether its rows were rewritten."""
 
     rows: int
     changed: bool
@@ -122,9 +123,9 @@ def usage_rollups_refresh(*, period: str, window_start: datetime) -> WindowRefre
     Raises RollupError for an unknown period, a misaligned start or an open window.
     """
     if period not in PERIOD_LENGTHS:
-        raise RollupError(f"Unknown period {period!r}; use hour or day.")
+        raise RollupError(f"Invalid period {period!r}: use hour or day.")
     if timezone.is_naive(window_start):
-        raise RollupError("window_start must carry a time zone.")
+        raise RollupError("window_start has no time zone: pass an aware datetime.")
     start = window_start.astimezone(UTC)
     if window_floor(period=period, at=start) != start:
         raise RollupError(f"{start.isoformat()} is not the start of a UTC {period}.")
@@ -156,7 +157,8 @@ def usage_rollups_refresh(*, period: str, window_start: datetime) -> WindowRefre
             for group in groups
         ]
         stored = UsageRollup.objects.filter(period=period, window_start=start)
-        if sorted(map(_sums, stored)) == sorted(map(_sums, rows)):
+        # Groups are unique in a window, so a dict compares them regardless of order.
+        if dict(map(_sums, stored)) == dict(map(_sums, rows)):
             return WindowRefresh(rows=len(rows), changed=False)
         stored.delete()
         UsageRollup.objects.bulk_create(rows)
@@ -206,8 +208,8 @@ def usage_rollup_windows_due(*, period: str, at: datetime) -> list[datetime]:
 def usage_rollups_refresh_due(*, at: datetime) -> int:
     """Recompute the hourly and daily windows closed since the last run, plus the lookback.
 
-    Idempotent: a rerun at the same `at` writes the same rows. An `at` later than now
-    counts as now, so an open window is never rolled up. Returns the windows recomputed.
+    Idempotent: a rerun at the same `at` changes no row. An `at` later than now counts
+    as now, so an open window is never rolled up. Returns the number of windows recomputed.
     """
     at = min(at, timezone.now())
     refreshed = changed = 0
@@ -220,7 +222,7 @@ def usage_rollups_refresh_due(*, at: datetime) -> int:
 
 
 def usage_rollups_complete_until(*, account: Account, period: str, at: datetime) -> datetime:
-    """Return the time up to which the account's rollups of `period` hold all its records.
+    """Return the time up to which the account's rollups of `period` contain all its records.
 
     That is the end of the last closed window, unless records of the account lie in
     closed windows after its latest rolled-up window (the refresh has not reached them
@@ -457,8 +459,8 @@ CHART_STYLE = Style(
     foreground_subtle="#dde2e8",
     colors=("#2454d6",),
     font_family='system-ui, -apple-system, "Segoe UI", Roboto, sans-serif',
-    label_font_size=11,
-    major_label_font_size=11,
+    label_font_size=12,
+    major_label_font_size=12,
     title_font_size=14,
 )
 
@@ -508,26 +510,28 @@ def daily_bar_chart_svg(
     labels = [day.isoformat() for day in days]
     chart = pygal.Bar(
         style=CHART_STYLE,
-        width=720,
-        height=240,
+        # Drawn for a half-width column; the SVG scales to its container.
+        width=480,
+        height=260,
         show_legend=False,
         disable_xml_declaration=True,
         js=[],
         margin=8,
         x_labels=[day.strftime("%b %d") for day in days],
         show_minor_x_labels=False,
+        truncate_label=-1,
         x_labels_major_every=7,
         y_labels=axis_ticks(max(values, default=0), minimum_step=minimum_step),
         value_formatter=lambda value: formatter(int(value)),
         print_values=False,
-        xml_filters=[
-            _accessible_svg(
-                title=title,
-                description=description,
-                labels=labels,
-                values=[formatter(value) for value in values],
-            )
-        ],
+    )
+    chart.add_xml_filter(
+        _accessible_svg(
+            title=title,
+            description=description,
+            labels=labels,
+            values=[formatter(value) for value in values],
+        )
     )
     chart.add(title, values)
     # pygal builds the SVG with ElementTree, which escapes every text and attribute.

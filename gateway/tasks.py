@@ -17,9 +17,9 @@ def usage_rollups_refresh(period: str, window_start: str) -> int:
 
 @shared_task
 def usage_rollups_refresh_due(at: str | None = None) -> int:
-    """Recompute the windows closed since the last run plus the lookback; beat runs it.
+    """Recompute the windows closed since the last run, and the lookback. Beat runs it.
 
-    `at` (ISO 8601) defaults to now; a rerun writes the same rows.
+    `at` (ISO 8601) defaults to now. A rerun changes no row.
     """
     moment = datetime.fromisoformat(at) if at else timezone.now()
     return rollups.usage_rollups_refresh_due(at=moment)

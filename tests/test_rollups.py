@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.conf import settings
+from django.db import IntegrityError, connection, transaction
 from django.db.models import RestrictedError
+from django.test.utils import CaptureQueriesContext
 
 from gateway import rollups, tasks
 from gateway.models import AccessKey, UsageRecord, UsageRollup
@@ -149,7 +151,7 @@ def varied_records(owner, outsider, second_key, *, start: datetime) -> list[Usag
 # Exactness
 
 
-def test_refresh_sums_one_hour_exactly_per_group(owner, outsider, second_key):
+def test_refresh_sums_hour_per_group(owner, outsider, second_key):
     window = MONDAY + 9 * HOUR
     key = owner.key.access_key
     record(
@@ -226,7 +228,7 @@ def test_refresh_sums_one_hour_exactly_per_group(owner, outsider, second_key):
     }
 
 
-def test_rollups_equal_records_to_the_nanodollar_per_group(owner, outsider, second_key):
+def test_rollups_equal_records_per_group(owner, outsider, second_key):
     written = varied_records(owner, outsider, second_key, start=MONDAY + 21 * HOUR)
 
     # The first run covers the whole history: every closed hour and day with records.
@@ -246,7 +248,7 @@ def test_rollups_equal_records_to_the_nanodollar_per_group(owner, outsider, seco
     assert total_cost == 1_213_316_430
 
 
-def test_rollups_keep_records_without_a_key_in_their_own_group(owner):
+def test_refresh_groups_keyless_records(owner):
     window = MONDAY + 9 * HOUR
     record(owner.account, at=window, fee_nanousd=7)
     record(owner.account, at=window + HOUR / 2, fee_nanousd=8)
@@ -259,10 +261,41 @@ def test_rollups_keep_records_without_a_key_in_their_own_group(owner):
     assert rows[(window, owner.account.pk, None, "openai", "gpt-4o-mini")]["fee_nanousd"] == 15
 
 
+def test_refresh_uses_one_group_by(owner, second_key):
+    for minute in range(0, 60, 10):
+        record(owner.account, at=MONDAY + timedelta(minutes=minute), key=second_key)
+
+    with CaptureQueriesContext(connection) as queries:
+        usage_rollups_refresh(period="hour", window_start=MONDAY)
+
+    reads = [query["sql"] for query in queries if "gateway_usagerecord" in query["sql"]]
+    assert len(reads) == 1
+    assert "GROUP BY" in reads[0]
+    assert UsageRollup.objects.get().request_count == 6
+
+
+def test_constraint_rejects_duplicate_keyless_group(owner):
+    values = {
+        "period": "hour",
+        "window_start": MONDAY,
+        "account": owner.account,
+        "access_key": None,
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+    }
+    UsageRollup.objects.create(**values)
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        UsageRollup.objects.create(**values)
+    UsageRollup.objects.create(**{**values, "access_key": owner.key.access_key})
+
+    assert UsageRollup.objects.count() == 2
+
+
 # Reruns
 
 
-def test_rerun_changes_nothing(owner, outsider, second_key):
+def test_refresh_rerun_changes_nothing(owner, outsider, second_key):
     written = varied_records(owner, outsider, second_key, start=MONDAY)
     usage_rollups_refresh_due(at=MONDAY + 3 * DAY)
     before = list(UsageRollup.objects.order_by("pk").values())
@@ -277,7 +310,7 @@ def test_rerun_changes_nothing(owner, outsider, second_key):
     assert rollup_rows("hour") == expected_rows("hour", written)
 
 
-def test_refresh_rewrites_a_window_whose_records_changed(owner):
+def test_refresh_rewrites_changed_window(owner):
     window = MONDAY + 9 * HOUR
     record(owner.account, at=window, fee_nanousd=100)
     usage_rollups_refresh(period="hour", window_start=window)
@@ -289,10 +322,12 @@ def test_refresh_rewrites_a_window_whose_records_changed(owner):
     assert refresh == WindowRefresh(rows=1, changed=True)
     row = UsageRollup.objects.get()
     assert row.pk != first_id
-    assert (row.request_count, row.fee_nanousd, row.cost_nanousd) == (2, 123, 123)
+    assert row.request_count == 2
+    assert row.fee_nanousd == 123
+    assert row.cost_nanousd == 123
 
 
-def test_refresh_of_a_window_without_records_removes_its_rows(owner):
+def test_refresh_empties_window_without_records(owner):
     window = MONDAY + 9 * HOUR
     stale = record(owner.account, at=window, fee_nanousd=100)
     usage_rollups_refresh(period="hour", window_start=window)
@@ -307,32 +342,25 @@ def test_refresh_of_a_window_without_records_removes_its_rows(owner):
 # Windows due: catch-up, lookback, late records
 
 
-def test_refresh_due_includes_a_late_record_within_the_lookback(owner):
+def test_refresh_due_includes_late_record(owner):
     key = owner.key.access_key
-    record(
-        owner.account, at=MONDAY + 9 * HOUR + 30 * timedelta(minutes=1), key=key, fee_nanousd=40
-    )
+    group = (MONDAY + 9 * HOUR, owner.account.pk, key.pk, "openai", "gpt-4o-mini")
+    record(owner.account, at=MONDAY + 9 * HOUR + HOUR / 2, key=key, fee_nanousd=40)
     usage_rollups_refresh_due(at=MONDAY + 10 * HOUR + timedelta(seconds=1))
-    assert (
-        rollup_rows("hour")[
-            (MONDAY + 9 * HOUR, owner.account.pk, key.pk, "openai", "gpt-4o-mini")
-        ]["fee_nanousd"]
-        == 40
-    )
+    assert rollup_rows("hour")[group]["fee_nanousd"] == 40
 
     # Batched metering committed this record after the run, stamped with 09:59:59.9.
-    record(
-        owner.account, at=MONDAY + 10 * HOUR - timedelta(milliseconds=100), key=key, fee_nanousd=2
-    )
+    late = MONDAY + 10 * HOUR - timedelta(milliseconds=100)
+    record(owner.account, at=late, key=key, fee_nanousd=2)
     usage_rollups_refresh_due(at=MONDAY + 10 * HOUR + 5 * timedelta(minutes=1))
 
-    row = rollup_rows("hour")[
-        (MONDAY + 9 * HOUR, owner.account.pk, key.pk, "openai", "gpt-4o-mini")
-    ]
-    assert (row["request_count"], row["fee_nanousd"], row["cost_nanousd"]) == (2, 42, 42)
+    row = rollup_rows("hour")[group]
+    assert row["request_count"] == 2
+    assert row["fee_nanousd"] == 42
+    assert row["cost_nanousd"] == 42
 
 
-def test_refresh_due_recomputes_three_closed_hours_and_the_day_just_closed(owner):
+def test_refresh_due_lookback_windows(owner):
     for hour in range(24):
         record(owner.account, at=MONDAY + hour * HOUR, fee_nanousd=1)
 
@@ -356,7 +384,7 @@ def test_refresh_due_recomputes_three_closed_hours_and_the_day_just_closed(owner
     )
 
 
-def test_record_later_than_the_lookback_waits_for_an_explicit_refresh(owner):
+def test_record_past_lookback_needs_explicit_refresh(owner):
     record(owner.account, at=MONDAY + 9 * HOUR, fee_nanousd=10)
     usage_rollups_refresh_due(at=MONDAY + 10 * HOUR)
     record(owner.account, at=MONDAY + 9 * HOUR + HOUR / 2, fee_nanousd=5)
@@ -369,7 +397,7 @@ def test_record_later_than_the_lookback_waits_for_an_explicit_refresh(owner):
     assert rollup_rows("hour")[group]["fee_nanousd"] == 15
 
 
-def test_refresh_due_catches_up_in_runs_of_bounded_size(owner, monkeypatch):
+def test_refresh_due_catches_up_in_batches(owner, monkeypatch):
     monkeypatch.setattr(rollups, "WINDOWS_PER_RUN_MAX", 2)
     written = [
         record(owner.account, at=MONDAY + hour * 3 * HOUR, fee_nanousd=hour) for hour in range(5)
@@ -384,7 +412,7 @@ def test_refresh_due_catches_up_in_runs_of_bounded_size(owner, monkeypatch):
     assert usage_rollups_refresh_due(at=at) == 0
 
 
-def test_refresh_due_ignores_the_open_window(owner):
+def test_refresh_due_skips_open_window(owner):
     now = datetime.now(UTC)
     record(owner.account, at=now - timedelta(seconds=1), fee_nanousd=3)
 
@@ -398,7 +426,7 @@ def test_refresh_due_ignores_the_open_window(owner):
 # Window boundaries
 
 
-def test_last_microsecond_of_a_day_and_midnight_fall_in_different_windows(owner):
+def test_midnight_splits_day_windows(owner):
     before_midnight = record(owner.account, at=MONDAY + DAY - MICROSECOND, fee_nanousd=1)
     at_midnight = record(owner.account, at=MONDAY + DAY, fee_nanousd=20)
 
@@ -413,7 +441,7 @@ def test_last_microsecond_of_a_day_and_midnight_fall_in_different_windows(owner)
     assert at_midnight.created_at.isoformat() == "2025-03-11T00:00:00+00:00"
 
 
-def test_windows_are_utc_whatever_the_display_time_zone(owner, settings):
+def test_windows_use_utc_not_display_zone(owner, settings):
     settings.TIME_ZONE = "America/New_York"
     record(owner.account, at=MONDAY + 3 * HOUR, fee_nanousd=9)
 
@@ -428,10 +456,14 @@ def test_windows_are_utc_whatever_the_display_time_zone(owner, settings):
 @pytest.mark.parametrize(
     ("period", "window_start", "message"),
     [
-        ("week", MONDAY, "Unknown period 'week'; use hour or day."),
+        ("week", MONDAY, "Invalid period 'week': use hour or day."),
         ("hour", MONDAY + timedelta(minutes=5), "2025-03-10T00:05:00+00:00 is not the start"),
         ("day", MONDAY + HOUR, "2025-03-10T01:00:00+00:00 is not the start of a UTC day."),
-        ("hour", MONDAY.replace(tzinfo=None), "window_start must carry a time zone."),
+        (
+            "hour",
+            MONDAY.replace(tzinfo=None),
+            "window_start has no time zone: pass an aware datetime.",
+        ),
         (
             "day",
             datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
@@ -439,7 +471,7 @@ def test_windows_are_utc_whatever_the_display_time_zone(owner, settings):
         ),
     ],
 )
-def test_refresh_refuses_bad_windows_and_writes_nothing(owner, period, window_start, message):
+def test_refresh_rejects_bad_window(owner, period, window_start, message):
     record(owner.account, at=MONDAY, fee_nanousd=1)
     record(owner.account, at=datetime.now(UTC), fee_nanousd=1)
 
@@ -452,7 +484,7 @@ def test_refresh_refuses_bad_windows_and_writes_nothing(owner, period, window_st
 # Completeness, tasks, schedule, deletion
 
 
-def test_complete_until_stops_at_the_first_closed_window_not_rolled_up(owner, outsider):
+def test_complete_until_stops_at_pending_window(owner, outsider):
     record(owner.account, at=MONDAY + 9 * HOUR, fee_nanousd=1)
     usage_rollups_refresh(period="hour", window_start=MONDAY + 9 * HOUR)
     record(owner.account, at=MONDAY + 11 * HOUR + HOUR / 2, fee_nanousd=1)
@@ -473,7 +505,7 @@ def test_complete_until_stops_at_the_first_closed_window_not_rolled_up(owner, ou
     )
 
 
-def test_tasks_take_iso_strings_and_rerun_idempotently(owner):
+def test_tasks_take_iso_strings(owner):
     record(owner.account, at=MONDAY + 9 * HOUR, fee_nanousd=31)
 
     assert tasks.usage_rollups_refresh.delay("hour", "2025-03-10T09:00:00+00:00").get() == 1
@@ -489,7 +521,7 @@ def test_tasks_take_iso_strings_and_rerun_idempotently(owner):
     }
 
 
-def test_beat_rolls_up_usage_every_five_minutes():
+def test_beat_runs_every_five_minutes():
     entry = settings.CELERY_BEAT_SCHEDULE["roll-up-usage"]
 
     assert entry["task"] == "gateway.tasks.usage_rollups_refresh_due"
@@ -497,7 +529,7 @@ def test_beat_rolls_up_usage_every_five_minutes():
     assert tasks.usage_rollups_refresh_due.name == entry["task"]
 
 
-def test_deleting_a_key_with_rolled_up_usage_is_refused_but_the_account_deletes(owner):
+def test_key_delete_restricted_by_rollups(owner):
     key = owner.key.access_key
     record(owner.account, at=MONDAY, key=key, fee_nanousd=1)
     usage_rollups_refresh(period="day", window_start=MONDAY)
