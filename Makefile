@@ -36,5 +36,5 @@ test: install services browser lint
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) CELERY_TASK_ALWAYS_EAGER=1 \
 		$(BIN)/python -m pytest -n 2 --dist loadgroup
 
-bench: install
+bench: install services
 	$(BIN)/python -m bench.gateway

@@ -369,7 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         print("Stopped by a signal; the servers were stopped.", file=sys.stderr)
         raise
-    except (BenchError, ServiceError, psycopg.Error, redis.RedisError) as error:
+    except (BenchError, ServiceError) as error:
+        print(f"The benchmark failed: {error}", file=sys.stderr)
+        return 1
+    except (psycopg.OperationalError, redis.ConnectionError) as error:
+        print(
+            f"The benchmark failed to reach PostgreSQL or Redis: {error}\n"
+            "Start them with `make services`, or pass --database-url and --redis-url.",
+            file=sys.stderr,
+        )
+        return 1
+    except (psycopg.Error, redis.RedisError) as error:
         print(f"The benchmark failed: {error}", file=sys.stderr)
         return 1
     out = args.out or Path(tempfile.gettempdir()) / (
