@@ -67,14 +67,26 @@ class MeteringQueue:
 
     def __init__(self) -> None:
         self._items: list[QueuedAttempt] = []
+        # Set when someone waits for a charge before answering; the batch goes at once.
+        self._urgent = False
         self._worker: asyncio.Task | None = None
 
     def submit(
-        self, *, attempt: Attempt, reservation: Reservation | None, final: bool
+        self,
+        *,
+        attempt: Attempt,
+        reservation: Reservation | None,
+        final: bool,
+        urgent: bool = False,
     ) -> asyncio.Future:
-        """Queue an attempt; the returned future resolves to its usage record."""
+        """Queue an attempt; the returned future resolves to its usage record.
+
+        `urgent` skips the batch window, for a caller that holds its response until the
+        charge is written (a stream's terminal event).
+        """
         done = asyncio.get_running_loop().create_future()
         self._items.append(QueuedAttempt(attempt, reservation, final, done))
+        self._urgent = self._urgent or urgent
         if self._worker is None or self._worker.done():
             self._worker = asyncio.ensure_future(self._run())
         return done
@@ -82,9 +94,11 @@ class MeteringQueue:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._items:
-            if len(self._items) < BATCH_MAX and settings.GATEWAY_METER_BATCH_WINDOW_MS:
+            window = settings.GATEWAY_METER_BATCH_WINDOW_MS
+            if window and not self._urgent and len(self._items) < BATCH_MAX:
                 # Let a batch gather: under load this turns many small writes into one.
-                await asyncio.sleep(settings.GATEWAY_METER_BATCH_WINDOW_MS / 1000)
+                await asyncio.sleep(window / 1000)
+            self._urgent = False
             batch, self._items = self._items[:BATCH_MAX], self._items[BATCH_MAX:]
             try:
                 records = await loop.run_in_executor(METERING_EXECUTOR, usage_settle_batch, batch)

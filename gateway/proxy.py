@@ -140,6 +140,7 @@ async def _meter(
     started: float,
     final: bool,
     error_type: str = "",
+    urgent: bool = False,
 ) -> None:
     """Record one attempt and charge it; `final` marks the attempt that ends the request."""
     record = Attempt(
@@ -160,7 +161,9 @@ async def _meter(
         price=route.price,
     )
     # Settling counts the cost against the key's limits and drops the request's hold.
-    await metering_queue().submit(attempt=record, reservation=admission.reservation, final=final)
+    await metering_queue().submit(
+        attempt=record, reservation=admission.reservation, final=final, urgent=urgent
+    )
 
 
 # Upstream statuses after which the next model of a `models` fallback chain is tried.
@@ -313,6 +316,7 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
         payload = load_json(content) or {}
         raw_usage = payload.get("usage") or {}
         usage = openai_usage(raw_usage) if surface == OPENAI else anthropic_usage(raw_usage)
+    after_response = settings.GATEWAY_METER_AFTER_RESPONSE
     metering = _meter(
         **meter_args,
         status=UsageRecord.Status.SUCCEEDED if succeeded else UsageRecord.Status.UPSTREAM_ERROR,
@@ -320,8 +324,9 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
         usage=usage,
         final=True,
         error_type="" if succeeded else f"http_{upstream.status_code}",
+        urgent=not after_response,
     )
-    if settings.GATEWAY_METER_AFTER_RESPONSE:
+    if after_response:
         # The charge lands a few milliseconds after the client has its answer.
         run_in_background(metering)
     else:
@@ -380,7 +385,7 @@ async def _stream_events(
     error_type = ""
     buffer = b""
 
-    async def meter_now(status: str) -> None:
+    async def meter_now(status: str, *, urgent: bool = False) -> None:
         nonlocal metered
         metered = True
         await _meter(
@@ -390,6 +395,7 @@ async def _stream_events(
             usage=meter.final_usage(request_body=body),
             final=True,
             error_type=error_type,
+            urgent=urgent,
         )
 
     try:
@@ -418,7 +424,8 @@ async def _stream_events(
                             meter.observe_anthropic(event_type or payload.get("type", ""), payload)
                         terminal = event_type == "message_stop"
                     if terminal and not metered:
-                        await meter_now(UsageRecord.Status.SUCCEEDED)
+                        # The client waits for this event, so the charge skips the window.
+                        await meter_now(UsageRecord.Status.SUCCEEDED, urgent=True)
                     yield raw_event
         except UpstreamError as exc:
             # Upstream cut the stream; the client is charged for what it received.

@@ -14,7 +14,7 @@ from dateutil.relativedelta import relativedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
-from django.db.models import Min, Sum
+from django.db.models import Min, Q, Sum
 from django.utils import timezone
 
 from accounts.models import Account, User
@@ -53,17 +53,27 @@ def lot_expiry_for(created_at: datetime) -> datetime:
 
 
 def account_balance(*, account_id: int, at: datetime | None = None) -> Balance:
-    """Compute the balance from the database: spendable lots minus debt (two queries)."""
+    """Compute the balance from the database: spendable lots minus debt (one query).
+
+    The gateway recomputes it after every ledger write, so it is one round trip.
+    """
     at = at or timezone.now()
-    lots = CreditLot.objects.filter(account_id=account_id).spendable(at=at)
-    totals = lots.aggregate(remaining=Sum("remaining_nanousd"), next_expiry=Min("expires_at"))
-    debt = Account.objects.values_list("debt_nanousd", flat=True).get(pk=account_id)
-    spendable = totals["remaining"] or 0
+    spendable_lots = Q(credit_lots__status=CreditLot.Status.ACTIVE, credit_lots__expires_at__gt=at)
+    debt, remaining, next_expiry = (
+        Account.objects.filter(pk=account_id)
+        .annotate(
+            remaining=Sum("credit_lots__remaining_nanousd", filter=spendable_lots),
+            next_expiry=Min("credit_lots__expires_at", filter=spendable_lots),
+        )
+        .values_list("debt_nanousd", "remaining", "next_expiry")
+        .get()
+    )
+    spendable = remaining or 0
     return Balance(
         balance_nanousd=spendable - debt,
         spendable_nanousd=spendable,
         debt_nanousd=debt,
-        next_expiry_at=totals["next_expiry"],
+        next_expiry_at=next_expiry,
     )
 
 
