@@ -3,8 +3,9 @@
 Writing one request's usage record and ledger debit costs about a dozen queries and a
 commit, and every debit of an account waits for that account's row lock, so charging
 requests one by one caps an account at a few dozen requests a second. The queue hands
-whatever has accumulated to one worker thread as a single transaction, so the cost per
-request falls as the load rises, and an idle gateway still charges within milliseconds.
+whatever has accumulated to the metering process (or, without it, a worker thread) as a
+single transaction, so the cost per request falls as the load rises, and an idle
+gateway still charges within milliseconds.
 
 NOTE: the queue lives in the server process. Attempts queued when the process is
 killed (not stopped: a stop drains the queue) are lost, so their requests go uncharged.
@@ -12,15 +13,17 @@ killed (not stopped: a stop drains the queue) are lost, so their requests go unc
 
 import asyncio
 import logging
+import multiprocessing
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import close_old_connections
 
-from gateway.limits import Reservation, reservation_release, reservation_settle
-from gateway.models import UsageRecord
-from gateway.services import Attempt, usage_records_batch
+from gateway import metering_process
+from gateway.limits import Reservation
+from gateway.services import Attempt
+from gateway.settlement import Settlement, usage_settle_batch
 
 logger = logging.getLogger(__name__)
 
@@ -31,35 +34,82 @@ METERING_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatewa
 
 @dataclass
 class QueuedAttempt:
-    attempt: Attempt
-    reservation: Reservation | None
-    # The attempt that ends its request drops the request's reservation.
-    final: bool
+    settlement: Settlement
     done: asyncio.Future
 
 
-def usage_settle_batch(items: list[QueuedAttempt]) -> list[UsageRecord]:
-    """Record and charge a batch, then settle each request's reservation.
+class MeteringProcess:
+    """A child process that records and charges batches sent to it over a pipe.
 
-    If recording fails, the holds are released at once rather than left to lapse.
+    Charging is Python work (the ORM) that would otherwise share the server process's
+    GIL with request handling; in a process of its own it runs on another core and the
+    server's threads only wait on the pipe. One batch is in flight at a time.
     """
-    close_old_connections()
-    try:
-        records = usage_records_batch(attempts=[item.attempt for item in items])
-    except Exception:
-        for item in items:
-            if item.reservation is not None:
-                reservation_release(reservation=item.reservation)
-        raise
-    for item, record in zip(items, records, strict=True):
-        if item.reservation is not None and (item.final or record.cost_nanousd):
-            reservation_settle(
-                reservation=item.reservation,
-                cost_nanousd=record.cost_nanousd,
-                at=record.created_at,
-                release=item.final,
-            )
-    return records
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._connection, child_connection = context.Pipe()
+        self._process = context.Process(
+            target=metering_process.main,
+            args=(child_connection,),
+            name="gateway-metering",
+            daemon=True,
+        )
+        self._process.start()
+        child_connection.close()
+        self._lock = threading.Lock()
+
+    def settle(self, settlements: list[Settlement]) -> list[int]:
+        """Send a batch and wait for the ids of its usage records."""
+        with self._lock:
+            self._connection.send(settlements)
+            record_ids, error = self._connection.recv()
+        if error is not None:
+            raise MeteringError(error)
+        return record_ids
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._connection.send(None)
+        self._process.join(timeout=30)
+        self._connection.close()
+
+
+class MeteringError(Exception):
+    """The metering process failed to write a batch; the message names the error."""
+
+
+_process: MeteringProcess | None = None
+
+
+def metering_process_start() -> None:
+    """Start the metering process; the ASGI server calls this when it starts."""
+    global _process
+    if settings.GATEWAY_METERING_PROCESS and _process is None:
+        _process = MeteringProcess()
+        logger.info("Started the metering process")
+
+
+def metering_process_stop() -> None:
+    """Stop the metering process after the queues have drained."""
+    global _process
+    if _process is not None:
+        _process.stop()
+        _process = None
+        logger.info("Stopped the metering process")
+
+
+def settle(settlements: list[Settlement]) -> list[int]:
+    """Record and charge a batch in the metering process, or here when there is none."""
+    process = _process
+    if process is not None and process.alive():
+        return process.settle(settlements)
+    if process is not None:
+        logger.error("The metering process is gone; metering in the server process")
+    return [record.pk for record in usage_settle_batch(settlements)]
 
 
 class MeteringQueue:
@@ -79,13 +129,13 @@ class MeteringQueue:
         final: bool,
         urgent: bool = False,
     ) -> asyncio.Future:
-        """Queue an attempt; the returned future resolves to its usage record.
+        """Queue an attempt; the returned future resolves to its usage record's id.
 
         `urgent` skips the batch window, for a caller that holds its response until the
         charge is written (a stream's terminal event).
         """
         done = asyncio.get_running_loop().create_future()
-        self._items.append(QueuedAttempt(attempt, reservation, final, done))
+        self._items.append(QueuedAttempt(Settlement(attempt, reservation, final), done))
         self._urgent = self._urgent or urgent
         if self._worker is None or self._worker.done():
             self._worker = asyncio.ensure_future(self._run())
@@ -100,14 +150,15 @@ class MeteringQueue:
                 await asyncio.sleep(window / 1000)
             self._urgent = False
             batch, self._items = self._items[:BATCH_MAX], self._items[BATCH_MAX:]
+            settlements = [item.settlement for item in batch]
             try:
-                records = await loop.run_in_executor(METERING_EXECUTOR, usage_settle_batch, batch)
+                records = await loop.run_in_executor(METERING_EXECUTOR, settle, settlements)
             except Exception as error:
                 # Not swallowed: every waiter of the batch receives the error.
                 logger.exception(
                     "Metering a batch of %s attempts failed; first request %s",
                     len(batch),
-                    batch[0].attempt.request_id,
+                    batch[0].settlement.attempt.request_id,
                 )
                 for item in batch:
                     if not item.done.done():
@@ -137,3 +188,10 @@ def metering_queue() -> MeteringQueue:
             _queues.pop(stale, None)
         queue = _queues[loop] = MeteringQueue()
     return queue
+
+
+async def metering_queues_drain() -> None:
+    """Wait until the queue of the running event loop has written everything."""
+    queue = _queues.get(asyncio.get_running_loop())
+    if queue is not None:
+        await queue.drain()

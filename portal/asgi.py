@@ -18,6 +18,11 @@ django.setup(set_prefix=False)
 
 # Imported after setup: the gateway modules need the app registry.
 from gateway.asgi import gateway_application  # noqa: E402
+from gateway.metering import (  # noqa: E402
+    metering_process_start,
+    metering_process_stop,
+    metering_queues_drain,
+)
 from gateway.proxy import background_tasks_drain  # noqa: E402
 
 GATEWAY_PREFIX = "/v1/"
@@ -35,13 +40,16 @@ portal_application = ASGIHandler()
 
 
 async def lifespan(receive, send) -> None:
-    """Answer startup, and on shutdown wait for metering that runs after responses."""
+    """Start the metering process, and on shutdown write every charge still queued."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            metering_process_start()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await background_tasks_drain()
+            await metering_queues_drain()
+            metering_process_stop()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

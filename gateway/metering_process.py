@@ -1,0 +1,37 @@
+"""Entry point of the metering process that the gateway server starts (gateway.metering).
+
+The process is started with the `spawn` method, so it imports this module afresh and
+sets Django up here, before anything that needs the app registry.
+"""
+
+import logging
+import os
+
+import django
+from django.apps import apps
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+# The server imports this module too, after its own setup; setting up twice would
+# configure logging twice.
+if not apps.ready:
+    django.setup()
+
+from gateway.settlement import usage_settle_batch  # noqa: E402  (needs the app registry)
+
+logger = logging.getLogger(__name__)
+
+
+def main(connection) -> None:
+    """Answer batches sent over `connection` until a None arrives."""
+    while True:
+        settlements = connection.recv()
+        if settlements is None:
+            return
+        try:
+            records = usage_settle_batch(settlements)
+        except Exception as error:
+            # Reported to the server, whose waiters each receive it.
+            logger.exception("Metering process failed on a batch of %s", len(settlements))
+            connection.send((None, f"{type(error).__name__}: {error}"))
+            continue
+        connection.send(([record.pk for record in records], None))
