@@ -353,6 +353,19 @@ class RedisLimits:
         value = self.client.get(f"{self._account(account_id)}:settles")
         return value.decode() if value is not None else "0"
 
+    def hold_replace(
+        self, *, reservation: Reservation, amount_nanousd: int, with_key: bool, until_ms: int
+    ) -> None:
+        keys = self._keys(reservation.account_id, reservation.key_id, "")
+        scopes = [(keys[0], keys[1])] + ([(keys[3], keys[4])] if with_key else [])
+        pipeline = self.client.pipeline(transaction=True)
+        for holds, amounts in scopes:
+            pipeline.zadd(holds, {reservation.reservation_id: until_ms})
+            pipeline.hset(amounts, reservation.reservation_id, amount_nanousd)
+            pipeline.pexpireat(holds, until_ms)
+            pipeline.pexpireat(amounts, until_ms)
+        pipeline.execute()
+
     def admit(self, args: AdmitArgs) -> Outcome:
         reply = self._admit(
             keys=self._keys(args.account_id, args.key_id, args.spend_slug),
@@ -447,6 +460,17 @@ class LocalLimits:
         for reservation_id in [rid for rid, (_, until) in holds.items() if until <= now_ms]:
             del holds[reservation_id]
         return sum(amount for amount, _ in holds.values())
+
+    def hold_replace(
+        self, *, reservation: Reservation, amount_nanousd: int, with_key: bool, until_ms: int
+    ) -> None:
+        scopes = [f"a{reservation.account_id}"] + ([f"k{reservation.key_id}"] if with_key else [])
+        with self._lock:
+            for scope in scopes:
+                self._holds.setdefault(scope, {})[reservation.reservation_id] = (
+                    amount_nanousd,
+                    until_ms,
+                )
 
     def settle_count(self, *, account_id: int) -> str:
         with self._lock:
@@ -545,6 +569,25 @@ class LocalLimits:
 _local_store = LocalLimits()
 _redis_stores: dict[str, RedisLimits] = {}
 _redis_stores_lock = threading.Lock()
+
+
+def reservation_hold_cost(
+    *, reservation: Reservation, identity: KeyIdentity, cost_nanousd: int, at: datetime
+) -> None:
+    """Hold a finished request's real cost until its charge is written.
+
+    Charges are written in batches a few milliseconds after the response. Holding the
+    known cost in the meantime keeps the next request of a fast client, admitted before
+    the charge lands, from spending the same credit or spend limit twice. Settling the
+    attempt drops this hold as it drops any other.
+    """
+    until_ms = epoch_ms(at) + settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
+    limits_store().hold_replace(
+        reservation=reservation,
+        amount_nanousd=cost_nanousd,
+        with_key=identity.spend_limit_nanousd is not None,
+        until_ms=until_ms,
+    )
 
 
 def limits_store() -> RedisLimits | LocalLimits:

@@ -21,6 +21,7 @@ from typing import TypeVar
 from django.conf import settings
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from gateway.errors import (
@@ -32,9 +33,10 @@ from gateway.errors import (
     missing_key,
     set_request_id,
 )
+from gateway.limits import reservation_hold_cost
 from gateway.metering import metering_queue
 from gateway.models import UsageRecord
-from gateway.pricing import TokenUsage
+from gateway.pricing import TokenUsage, request_cost
 from gateway.routing import Admission, Route, models_for_key, request_admit
 from gateway.services import Attempt
 from gateway.upstream import UpstreamError, UpstreamResponse, upstream_send
@@ -326,6 +328,18 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
         error_type="" if succeeded else f"http_{upstream.status_code}",
         urgent=not after_response,
     )
+    admission = meter_args["admission"]
+    route = meter_args["route"]
+    if after_response and succeeded and admission.reservation is not None:
+        cost = request_cost(usage=usage, price=route.price).total_nanousd
+        await run_in(
+            ADMISSION_EXECUTOR,
+            reservation_hold_cost,
+            reservation=admission.reservation,
+            identity=admission.identity,
+            cost_nanousd=cost,
+            at=timezone.now(),
+        )
     if after_response:
         # The charge lands a few milliseconds after the client has its answer.
         run_in_background(metering)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from credits.models import LedgerTransaction
-from credits.services import account_balance
+from credits.services import account_balance, credit_grant
 from gateway.models import ModelPrice, UsageRecord
 from gateway.services import access_key_revoke
 from tests.gateway_helpers import wait_for_record
@@ -235,3 +235,26 @@ def test_revoked_key_stops_within_one_second(server, funded, django_capture_on_c
         assert time.monotonic() - revoked_at < 1.5, "the revoked key still works"
         time.sleep(0.05)
     assert time.monotonic() - revoked_at <= 1.1
+
+
+def test_fast_client_cannot_outrun_metering(server, owner):
+    # 20000 nano-dollars cover three 5600 requests and part of a fourth.
+    credit_grant(account=owner.account, amount_nanousd=20_000, reason="small")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=owner.key.raw_key, max_retries=0)
+    statuses = []
+    for _ in range(8):
+        try:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello world"}]
+            )
+            statuses.append(200)
+        except openai.APIStatusError as error:
+            statuses.append(error.status_code)
+
+    assert statuses == [200, 200, 200, 200, 402, 402, 402, 402]
+    deadline = time.monotonic() + 5
+    while UsageRecord.objects.filter(account=owner.account).count() < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.1)
+    assert balance_of(owner) == 20_000 - 4 * 5600
