@@ -1,6 +1,17 @@
 from datetime import UTC
 
-from django.db.models import BigIntegerField, CharField, Count, F, IntegerField, Max, Sum, Value
+from django.db.models import (
+    BigIntegerField,
+    CharField,
+    Count,
+    F,
+    IntegerField,
+    Max,
+    OuterRef,
+    Subquery,
+    Sum,
+    Value,
+)
 from django.db.models.functions import Cast, TruncDate
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, extend_schema
@@ -150,7 +161,8 @@ def ledger_rows(*, account: Account):
     """Return the account's credit history, newest first, as a queryset of dicts.
 
     Every transaction is a row, except usage charges: those become one row per UTC day
-    with the day's sum and request count, grouped by the database. A day of usage carries
+    and stretch between other transactions, with the sum and request count, grouped by
+    the database. A day of usage carries
     the id of its last charge in `row_id` and no balance after it. Pass the rows shown
     to `ledger_rows_complete`, which looks that balance up.
     """
@@ -174,10 +186,19 @@ def ledger_rows(*, account: Account):
     )
     # The last charge of a day is the one with the highest id: charges of one account are
     # written one at a time under the account lock, so ids follow the ledger's order.
+    # A day's usage is split at every other transaction between its charges (grouped by
+    # the id of the transaction before them), so each row's balance after is the one
+    # before it plus its amount.
+    previous_other = Subquery(
+        LedgerTransaction.objects.filter(account=account, id__lt=OuterRef("id"))
+        .exclude(kind=LedgerTransaction.Kind.USAGE)
+        .order_by("-id")
+        .values("id")[:1]
+    )
     usage_days = (
         transactions.filter(kind=LedgerTransaction.Kind.USAGE)
-        .annotate(row_day=utc_day)
-        .values("row_day")
+        .annotate(row_day=utc_day, row_after_other=previous_other)
+        .values("row_day", "row_after_other")
         .annotate(
             row_kind=Value(LedgerTransaction.Kind.USAGE.value, output_field=CharField()),
             row_id=Max("id"),

@@ -135,7 +135,16 @@ class LedgerTransaction(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["account", "-created_at", "-id"])]
+        indexes = [
+            models.Index(fields=["account", "-created_at", "-id"]),
+            # Finds the last transaction other than usage before a charge, which splits
+            # a day's usage in the transaction history.
+            models.Index(
+                fields=["account", "id"],
+                condition=~models.Q(kind="usage"),
+                name="ledger_tx_not_usage_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.amount_nanousd} on {self.account.slug}"

@@ -480,6 +480,13 @@ def models_for_key(*, raw_key: str) -> list[dict]:
     identity = access_key_authenticate(raw_key=raw_key)
     if identity is None:
         raise invalid_key()
+    if identity.account_frozen:
+        raise GatewayError(
+            403,
+            "This account is frozen; contact support.",
+            openai_type="permission_error",
+            code="account_frozen",
+        )
     config, catalog = _snapshot(identity.account_id)
     models: list[dict] = []
     for provider, model, since in catalog.listed(at=timezone.now()):

@@ -141,3 +141,15 @@ def test_management_only_key_cannot_call_gateway(funded, model_prices):
     assert response.status_code == 403
     assert openai_error(response)["code"] == "insufficient_scope"
     nothing_charged()
+
+
+def test_frozen_account_cannot_list_models(funded, model_prices):
+    funded.account.is_frozen = True
+    funded.account.save(update_fields=["is_frozen"])
+
+    response = Client().get(
+        "/v1/models", headers={"authorization": f"Bearer {funded.key.raw_key}"}
+    )
+
+    assert response.status_code == 403
+    assert openai_error(response)["code"] == "account_frozen"

@@ -153,8 +153,8 @@ def expected_rows(ids: dict) -> list[dict]:
             id=ids["extra"],
             description="extra",
         ),
-        # Day 3's usage: 2 + 3 nano-dollars; the balance after its last charge.
-        row("usage", DAY_3 + timedelta(hours=4), -5, 9_997_999_994, requests=2),
+        # Day 3's usage is split by the grant and the expiry between its two charges.
+        row("usage", DAY_3 + timedelta(hours=4), -3, 9_997_999_994, requests=1),
         row(
             "expiry",
             DAY_3 + timedelta(hours=3),
@@ -171,6 +171,7 @@ def expected_rows(ids: dict) -> list[dict]:
             id=ids["short"],
             description="short trial",
         ),
+        row("usage", DAY_3, -2, 9_997_999_997, requests=1),
         row(
             "usage",
             DAY_2 + timedelta(hours=23, minutes=59, seconds=59, microseconds=999999),
@@ -195,7 +196,7 @@ def test_transactions_sum_usage_per_utc_day(owner, history):
 
     assert response.status_code == 200
     assert response.json() == {
-        "count": 9,
+        "count": 10,
         "next": None,
         "previous": None,
         "results": expected_rows(history),
@@ -209,7 +210,8 @@ def test_transactions_days_ignore_display_time_zone(owner, history, settings):
 
     usage = [item for item in response.json()["results"] if item["kind"] == "usage"]
     assert [(item["date"], item["amount_nanousd"]) for item in usage] == [
-        (DAY_3.date().isoformat(), -5),
+        (DAY_3.date().isoformat(), -3),
+        (DAY_3.date().isoformat(), -2),
         (DAY_2.date().isoformat(), -1),
         (DAY_1.date().isoformat(), -2_000_000),
     ]
@@ -220,7 +222,7 @@ def test_transactions_limit_and_offset(owner, history):
 
     assert response.status_code == 200
     body = response.json()
-    assert body["count"] == 9
+    assert body["count"] == 10
     assert body["next"] == "http://testserver/api/credits/transactions?limit=3&offset=5"
     assert body["previous"] == "http://testserver/api/credits/transactions?limit=3"
     assert body["results"] == expected_rows(history)[2:5]
@@ -253,7 +255,7 @@ def test_transactions_outsider_sees_own_only(owner, outsider, history):
 
     assert response.status_code == 200
     assert response.json() == {"count": 0, "next": None, "previous": None, "results": []}
-    assert owner.api().get("/api/credits/transactions").json()["count"] == 9
+    assert owner.api().get("/api/credits/transactions").json()["count"] == 10
 
 
 def test_transactions_need_management_key(owner, history):
@@ -321,11 +323,12 @@ def test_credits_page_shows_same_history(owner, outsider, history):
     page = client.get(reverse("credits")).content.decode()
 
     table = page[page.index('data-testid="transactions"') :]
-    assert table.count("<tr>") == 10  # the header and nine rows
+    assert table.count("<tr>") == 11  # the header and ten rows
     assert f"{DAY_3.date().isoformat()} (UTC day)" in table
     assert "2 requests" in table
     assert "1 request<" in table
-    assert 'title="-$0.000000005">-$0.000000005<' in table
+    assert 'title="-$0.000000003">-$0.000000003<' in table
+    assert 'title="-$0.000000002">-$0.000000002<' in table
     assert 'title="-$0.002000000">-$0.002<' in table
     assert f"Lot {history['extra_lot']} voided by support" in table
     assert "Purchase of 500 cents" in table
