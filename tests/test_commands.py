@@ -93,7 +93,7 @@ def test_grant_credits_rejects_bad_amounts(owner, amount, message):
 
 def test_check_ledger_passes_and_fails(funded):
     out, _ = run("check_ledger")
-    assert out.strip() == "Ledger sound: 1 accounts checked"
+    assert out.strip() == "Ledger sound: 1 account checked"
 
     CreditLot.objects.filter(account=funded.account).update(remaining_nanousd=5)
     with pytest.raises(CommandError, match="1 ledger violations in 1 accounts"):

@@ -72,3 +72,18 @@ def test_usage_lists_only_own_records(owner, outsider):
     assert outsider.api().get("/api/usage").json()["results"] == []
     rows = owner.api().get("/api/usage").json()["results"]
     assert [(row["request_id"], row["cost_usd"]) for row in rows] == [("req_x", "0.000005600")]
+
+
+def test_schema_declares_bearer_access_keys(db):
+    from rest_framework.test import APIClient
+
+    response = APIClient().get("/api/schema", {"format": "json"})
+
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["components"]["securitySchemes"]["accessKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An access key with the `management` scope: `tb_...`.",
+    }
+    assert schema["paths"]["/api/credits/balance"]["get"]["security"] == [{"accessKey": []}]

@@ -551,7 +551,7 @@ def test_check_ledger_passes_a_sound_ledger(owner, outsider):
     call_command("check_ledger", account="acme", stdout=one)
 
     assert everyone.getvalue() == "Ledger sound: 2 accounts checked\n"
-    assert one.getvalue() == "Ledger sound: 1 accounts checked\n"
+    assert one.getvalue() == "Ledger sound: 1 account checked\n"
     assert ledger_violations(account=owner.account) == []
 
 

@@ -135,7 +135,7 @@ def expected_rows(ids: dict) -> list[dict]:
             5 * USD,
             14_997_999_994,
             id=ids["purchase"],
-            description="Purchase of 500 cents",
+            description="Purchase of USD 5.00",
         ),
         row(
             "void",
@@ -331,7 +331,7 @@ def test_credits_page_shows_same_history(owner, outsider, history):
     assert 'title="-$0.000000002">-$0.000000002<' in table
     assert 'title="-$0.002000000">-$0.002<' in table
     assert f"Lot {history['extra_lot']} voided by support" in table
-    assert "Purchase of 500 cents" in table
+    assert "Purchase of USD 5.00" in table
     assert "secret-outsider-grant" not in page
     # Newest first: the purchase comes before the first day's grant.
-    assert table.index("Purchase of 500 cents") < table.index("welcome")
+    assert table.index("Purchase of USD 5.00") < table.index("welcome")

@@ -20,7 +20,7 @@ from django.utils import timezone
 from accounts.models import Account, User
 from credits import tasks as credit_tasks
 from credits.models import CheckoutPurchase, CreditLot, LedgerEntry, LedgerTransaction
-from credits.money import nanousd_from_cents
+from credits.money import format_usd_short, nanousd_from_cents
 
 logger = logging.getLogger(__name__)
 
@@ -490,7 +490,7 @@ def purchase_lot_create(
         kind=LedgerTransaction.Kind.PURCHASE,
         at=at,
         expires_at=lot_expiry_for(at),
-        description=f"Purchase of {amount_cents} cents",
+        description=f"Purchase of USD {format_usd_short(nanousd_from_cents(amount_cents))}",
         stripe_checkout_session_id=session_id,
         stripe_payment_intent_id=payment_intent_id,
         amount_cents=amount_cents,

@@ -25,4 +25,5 @@ class Command(BaseCommand):
             self.stderr.write(violation)
         if violations:
             raise CommandError(f"{len(violations)} ledger violations in {checked} accounts.")
-        self.stdout.write(f"Ledger sound: {checked} accounts checked")
+        noun = "account" if checked == 1 else "accounts"
+        self.stdout.write(f"Ledger sound: {checked} {noun} checked")
