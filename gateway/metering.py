@@ -1,8 +1,8 @@
 """Batched metering: attempts queue up and are recorded and charged many at a time.
 
 Writing one request's usage record and ledger debit costs about a dozen queries and a
-commit, and every debit of an account waits for that account's row lock, so charging
-requests one by one caps an account at a few dozen requests a second. The queue hands
+commit. Every debit of an account also waits for that account's row lock, so charged
+one by one, an account's requests would queue behind each other's commits. The queue hands
 whatever has accumulated to the metering process (or, without it, a worker thread) as a
 single transaction, so the cost per request falls as the load rises, and an idle
 gateway still charges within milliseconds.
@@ -42,7 +42,7 @@ class MeteringProcess:
     """A child process that records and charges batches sent to it over a pipe.
 
     Charging is Python work (the ORM) that would otherwise share the server process's
-    GIL with request handling; in a process of its own it runs on another core and the
+    GIL with request handling. In a process of its own it runs on another core, and the
     server's threads only wait on the pipe. One batch is in flight at a time.
     """
 
@@ -117,7 +117,7 @@ class MeteringQueue:
 
     def __init__(self) -> None:
         self._items: list[QueuedAttempt] = []
-        # Set when someone waits for a charge before answering; the batch goes at once.
+        # Set when a caller waits for a charge before responding; the batch goes at once.
         self._urgent = False
         self._worker: asyncio.Task | None = None
 

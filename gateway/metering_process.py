@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def main(connection) -> None:
-    """Answer batches sent over `connection` until a None arrives."""
+    """Record and charge batches sent over `connection` until a None arrives."""
     while True:
         settlements = connection.recv()
         if settlements is None:

@@ -32,8 +32,8 @@ GATEWAY_PREFIX = "/v1/"
 # that long, which showed as a p99 latency tail in bench/gateway.py.
 sys.setswitchinterval(0.0005)
 
-# Everything loaded so far lives as long as the process; freezing it keeps the garbage
-# collector from scanning it again in every full collection, which took milliseconds.
+# Everything loaded so far lives as long as the process. Freezing it keeps the garbage
+# collector from scanning those objects again in every full collection.
 gc.freeze()
 
 portal_application = ASGIHandler()

@@ -1,7 +1,7 @@
 """Gateway fidelity against the real server: streams, usage reading, upstream errors, fallback.
 
 The local upstream counts one input token per word and returns 8 output tokens unless
-the body's `x_upstream` object says otherwise (the gateway forwards the body, so tests
+the body's `x_upstream` object sets another count (the gateway forwards the body, so tests
 steer the upstream through it).
 """
 
