@@ -352,6 +352,8 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
     )
     if "retry-after" in upstream.headers:
         response["retry-after"] = upstream.headers["retry-after"]
+    # Names who answered, so an upstream 401 is not mistaken for a rejected access key.
+    response["x-tollbooth-provider"] = route.provider
     set_request_id(response, request_id=meter_args["request_id"], surface=surface)
     return response
 

@@ -188,6 +188,7 @@ def test_upstream_error_passes_through_uncharged(server, upstream_url, funded, s
 
     assert response.status_code == status
     assert response.json() == direct.json()
+    assert response.headers["x-tollbooth-provider"] == "openai"
     record = wait_for_record(response.headers["x-request-id"])
     assert (record.status, record.cost_nanousd) == (UsageRecord.Status.UPSTREAM_ERROR, 0)
     assert LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.USAGE).count() == 0
