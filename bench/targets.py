@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -296,6 +297,8 @@ def tollbooth_env(
             "ANTHROPIC_API_KEY": "bench",
         }
     )
+    # Gateway tuning settings set in the caller's shell reach the server, to compare them.
+    env.update({name: value for name, value in os.environ.items() if name.startswith("GATEWAY_")})
     return env
 
 
