@@ -496,7 +496,14 @@ async def models_list(request: HttpRequest) -> HttpResponse:
     if not raw_key:
         return error_response(missing_key(), surface=surface, request_id=request_id)
     try:
-        models = await run_in(ADMISSION_EXECUTOR, models_for_key, raw_key=raw_key)
+        models = await run_in(
+            ADMISSION_EXECUTOR,
+            models_for_key,
+            raw_key=raw_key,
+            # Anthropic clients get only what /v1/messages accepts; the OpenAI-shaped
+            # list stays the full catalog.
+            api_format=ANTHROPIC if surface == ANTHROPIC else None,
+        )
     except GatewayError as error:
         return error_response(error, surface=surface, request_id=request_id)
     if surface == ANTHROPIC:

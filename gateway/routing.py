@@ -475,8 +475,11 @@ def _timestamp_fields(at: datetime) -> dict:
     }
 
 
-def models_for_key(*, raw_key: str) -> list[dict]:
-    """List the models the key may call: priced built-in ones, then custom providers' ones."""
+def models_for_key(*, raw_key: str, api_format: str | None = None) -> list[dict]:
+    """List the models the key may call: priced built-in ones, then custom providers' ones.
+
+    With `api_format`, only models served in that format (the ones its endpoint accepts).
+    """
     identity = access_key_authenticate(raw_key=raw_key)
     if identity is None:
         raise invalid_key()
@@ -490,11 +493,15 @@ def models_for_key(*, raw_key: str) -> list[dict]:
     config, catalog = _snapshot(identity.account_id)
     models: list[dict] = []
     for provider, model, since in catalog.listed(at=timezone.now()):
+        if api_format is not None and BUILTIN_PROVIDERS.get(provider) != api_format:
+            continue
         if route_allowed(identity, provider=provider, model=model):
             models.append(
                 {"id": f"{provider}:{model}", "owned_by": provider, **_timestamp_fields(since)}
             )
     for custom in config.custom.values():
+        if api_format is not None and custom.api_format != api_format:
+            continue
         for model in custom.model_names:
             if route_allowed(identity, provider=custom.name, model=model):
                 models.append(

@@ -153,3 +153,14 @@ def test_frozen_account_cannot_list_models(funded, model_prices):
 
     assert response.status_code == 403
     assert openai_error(response)["code"] == "account_frozen"
+
+
+def test_anthropic_clients_list_only_anthropic_models(funded, model_prices):
+    headers = {"authorization": f"Bearer {funded.key.raw_key}", "anthropic-version": "2023-06-01"}
+
+    response = Client().get("/v1/models", headers=headers)
+
+    assert response.status_code == 200
+    ids = [model["id"] for model in response.json()["data"]]
+    assert "anthropic:claude-haiku-4-5" in ids
+    assert all(model_id.startswith("anthropic:") for model_id in ids)
