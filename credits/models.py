@@ -48,7 +48,7 @@ class CreditLot(models.Model):
     expires_at = models.DateTimeField()
     # Set once, when the expiry entry for the remainder is written.
     expired_at = models.DateTimeField(null=True, blank=True)
-    # When the owners were told the lot expires within a week; cleared when staff extend
+    # When the owners were emailed that the lot expires within a week; cleared when staff extend
     # the expiry, so the new date gets its own reminder.
     expiry_reminder_sent_at = models.DateTimeField(null=True, blank=True)
     # NULL, not "", for grants: the unique constraint must skip lots without a session.
@@ -111,7 +111,7 @@ class LedgerTransaction(models.Model):
         REFUND = "refund", "Refund"
         VOID = "void", "Void"
         ADJUSTMENT = "adjustment", "Adjustment"
-        # A disputed lot leaves the balance and comes back if the dispute is won; the
+        # A disputed lot leaves the balance and comes back if the dispute is won. The
         # amount is that change to the balance, and there are no entries (see
         # credits/services/payments.py).
         FREEZE = "freeze", "Frozen (disputed)"

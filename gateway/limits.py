@@ -180,7 +180,7 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The answer of the admission step; amounts are what the step saw."""
+    """The result of the admission step, with the amounts the step read."""
 
     status: str
     retry_after_ms: int = 0
@@ -664,7 +664,7 @@ def reservation_hold(
         logger.info("Access key %s is over its spend limit", identity.key_id)
         raise _spend_limit_error(identity, outcome, hold=hold, period=period, at=at)
     if outcome.status == OVER_BALANCE:
-        logger.info("Account %s has no credit left after holds", identity.account_id)
+        logger.info("Account %s has no credit left after reservations", identity.account_id)
         raise _balance_error(outcome, hold=hold, balance=balance)
     return reservation
 

@@ -131,7 +131,7 @@ class MeteringQueue:
     ) -> asyncio.Future:
         """Queue an attempt; the returned future resolves to its usage record's id.
 
-        `urgent` skips the batch window, for a caller that holds its response until the
+        `urgent` skips the batch window, for a caller that delays its response until the
         charge is written (a stream's terminal event).
         """
         done = asyncio.get_running_loop().create_future()

@@ -341,7 +341,7 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
             at=timezone.now(),
         )
     if after_response:
-        # The charge lands a few milliseconds after the client has its answer.
+        # The charge lands a few milliseconds after the client has its response.
         run_in_background(metering)
     else:
         await metering
@@ -352,7 +352,8 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
     )
     if "retry-after" in upstream.headers:
         response["retry-after"] = upstream.headers["retry-after"]
-    # Names who answered, so an upstream 401 is not mistaken for a rejected access key.
+    # Names the provider that responded, so an upstream 401 is not mistaken for a rejected
+    # access key.
     response["x-tollbooth-provider"] = route.provider
     set_request_id(response, request_id=meter_args["request_id"], surface=surface)
     return response
@@ -389,9 +390,9 @@ async def _stream_events(
 ) -> AsyncIterator[bytes]:
     """Forward a stream event by event, reading usage on the way.
 
-    For an OpenAI client that did not ask for usage, the usage chunk the gateway asked
-    for is dropped and the `"usage":null` it added to the other chunks removed, so the
-    client gets the bytes upstream would have sent without `include_usage`.
+    For an OpenAI client that did not request usage, the gateway drops the usage chunk it
+    requested and removes the `"usage":null` that upstream added to the other chunks. The
+    client then gets the bytes upstream would have sent without `include_usage`.
     """
     surface = meter_args["surface"]
     strip_usage = surface == OPENAI and not client_wants_usage

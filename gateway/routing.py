@@ -54,7 +54,7 @@ PRICE_CATALOG_VERSION_KEY = "gateway:price-catalog-version"
 
 @dataclass(frozen=True)
 class Route:
-    """Where one attempt goes and how it is priced."""
+    """The upstream, key and price of one attempt."""
 
     provider: str
     model: str
@@ -70,7 +70,7 @@ class Admission:
     identity: KeyIdentity
     # The primary route first, then the fallbacks of a `models` list.
     routes: list[Route]
-    # What the request holds until it is metered (gateway/limits.py).
+    # The credit the request reserves until it is metered (gateway/limits.py).
     reservation: Reservation | None = None
 
     @property

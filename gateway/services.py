@@ -36,7 +36,7 @@ class AccessKeyError(Exception):
 
 
 def access_key_hash(raw_key: str) -> str:
-    # Keys carry 256 random bits, so a fast hash is enough; nobody can brute-force them.
+    # Keys carry 256 random bits, so a fast hash is enough: brute force is out of reach.
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
@@ -148,7 +148,7 @@ def access_keys_cache_evict(*, account_id: int) -> None:
     """Drop the cached identities of the account's keys once the transaction commits.
 
     Call it after changing what an identity caches about the account (`is_frozen`), so
-    the gateway sees the change on the next request, not when the cache entry times out.
+    the gateway applies the change on the next request, not when the cache entry times out.
     """
     key_hashes = AccessKey.objects.filter(account_id=account_id, revoked_at__isnull=True)
     keys = [
@@ -163,7 +163,7 @@ def access_keys_cache_evict(*, account_id: int) -> None:
 
 @dataclass(frozen=True)
 class KeyIdentity:
-    """What the gateway needs to know about a key, cached so that requests skip the database."""
+    """The facts about a key that the gateway checks, cached so that requests skip the database."""
 
     key_id: int
     account_id: int

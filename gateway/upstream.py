@@ -114,7 +114,7 @@ async def upstream_send(
 ) -> UpstreamResponse:
     """POST to an upstream and return once its status and headers have arrived.
 
-    Redirects are not followed: a provider answering 3xx could otherwise send the
+    Redirects are not followed: a provider responding with 3xx could otherwise send the
     gateway, with the provider key, to any address. `public_only` limits connections
     to public addresses unless the operator allows private upstreams.
     """

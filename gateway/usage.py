@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 from gateway.pricing import TokenUsage
 
-# NOTE: an estimate for responses without a usage block; about four characters a token
-# for English text, which can be off by a factor of two for code or other languages.
+# NOTE: an estimate for responses without a usage block. About four characters a token
+# fits English text; for code or other languages it can be off by a factor of two.
 CHARACTERS_PER_TOKEN = 4
 
 
@@ -66,7 +66,7 @@ def request_text(body: dict) -> str:
 
 @dataclass
 class StreamMeter:
-    """Follow a stream event by event and keep what it says about usage.
+    """Follow a stream event by event and keep the usage it reports.
 
     OpenAI sends usage in a last chunk with empty `choices`. Anthropic sends input and
     cache tokens in `message_start` and cumulative output tokens in each `message_delta`,

@@ -228,10 +228,10 @@ GATEWAY_CONNECT_TIMEOUT_SECONDS = float(os.environ.get("GATEWAY_CONNECT_TIMEOUT_
 # latency path; off, the charge is written before the response leaves.
 GATEWAY_METER_AFTER_RESPONSE = env_bool("GATEWAY_METER_AFTER_RESPONSE", True)
 # Charges are written by a child process of the server (on another core) when the
-# server runs the ASGI lifespan protocol, as uvicorn does; off, by a thread of the server.
+# server runs the ASGI lifespan protocol, as uvicorn does. Off, a thread writes them.
 GATEWAY_METERING_PROCESS = env_bool("GATEWAY_METERING_PROCESS", True)
-# Metering waits this long to gather a batch before writing it; charges land that much
-# later, and every batch costs one transaction instead of one per request.
+# Metering waits this long to gather a batch before writing it. Charges land that much
+# later, and each batch costs one transaction instead of one per request.
 GATEWAY_METER_BATCH_WINDOW_MS = int(os.environ.get("GATEWAY_METER_BATCH_WINDOW_MS", "20"))
 # Access keys and balances are cached this long; revokes and ledger changes evict them.
 GATEWAY_AUTH_CACHE_SECONDS = int(os.environ.get("GATEWAY_AUTH_CACHE_SECONDS", "60"))

@@ -20,5 +20,5 @@ else:
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = True
 # In-process tests run each request on an event loop that closes with it, so metering
-# must finish before the response; the `server` fixture's process keeps the default.
+# must finish before the response. The `server` fixture's process keeps the default.
 GATEWAY_METER_AFTER_RESPONSE = False

@@ -123,7 +123,7 @@ def test_expired_lot_is_not_spendable_before_task_runs(owner):
     assert live.remaining_nanousd == 3 * USD // 4
 
 
-def test_lot_usable_one_second_before_expiry_and_not_at_it(owner):
+def test_lot_expires_exactly_at_expiry(owner):
     now = timezone.now()
     expiry = now + timedelta(days=1)
     grant(owner.account, 2, at=now, expires_at=expiry)

@@ -1,7 +1,7 @@
 """The main job end to end, against the real server process.
 
 Buy credits through Checkout and a signed webhook, call the gateway with the official
-OpenAI and Anthropic SDKs, run out of credit, buy again, and expire a lot; every balance
+OpenAI and Anthropic SDKs, run out of credit, buy again, and expire a lot. Every balance
 is checked to the nano-dollar.
 
 Prices used below (nano-dollars per token, from the seeded price table):
@@ -179,7 +179,7 @@ def test_buy_call_run_out_buy_again_expire(server, stripe_url, upstream_url, own
     assert after_overshoot["debt_nanousd"] == debt
     assert after_overshoot["lots"] == []
 
-    # 7. At zero or below, both surfaces answer 402 in their own error format.
+    # 7. At zero or below, both surfaces respond with 402 in their own error format.
     with pytest.raises(openai.APIStatusError) as openai_error:
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
