@@ -27,6 +27,7 @@ Amounts are integer nano-dollars. Lua numbers are doubles, which hold every inte
 and the settled spend is only ever added with Redis's own 64-bit INCRBY.
 """
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -34,13 +35,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis
+import redis.asyncio
 from dateutil.relativedelta import relativedelta
 from django.conf import settings
+from django.core.cache import cache
 from django.db.models import Sum
 from django.utils import timezone
+from redis.commands.core import AsyncScript
 
 from credits.money import format_usd_short
-from credits.services import account_balance_cached
+from credits.services import (
+    BALANCE_GENERATION_KEY,
+    account_balance_cached,
+    balance_cache_fill,
+    balance_cache_key,
+)
 from gateway.errors import GatewayError
 from gateway.models import AccessKey, UsageRecord
 from gateway.pricing import Price, TokenUsage, request_cost
@@ -187,14 +196,25 @@ class Outcome:
     spent_nanousd: int = 0
     key_held_nanousd: int = 0
     account_held_nanousd: int = 0
+    balance_nanousd: int = 0
+    # The balance generation a cache miss was found under.
+    generation: int = 0
 
 
 ADMITTED = "ok"
+# The balance is not cached under the current generation; the caller computes it.
+BALANCE_MISS = "miss"
+# A ledger write landed since the caller computed the balance it passed.
 STALE = "stale"
+# A version token the caller's routes were resolved under has changed.
+VERSIONS_CHANGED = "versions"
 REBUILD = "rebuild"
+OUT_OF_CREDIT = "empty"
 OVER_REQUESTS = "rpm"
 OVER_SPEND = "spend"
 OVER_BALANCE = "balance"
+# Statuses after which nothing was held and the step can be run again.
+RETRY_STATUSES = frozenset({BALANCE_MISS, STALE, VERSIONS_CHANGED, REBUILD})
 
 
 @dataclass(frozen=True)
@@ -204,32 +224,56 @@ class AdmitArgs:
     key_id: int
     now_ms: int
     hold_nanousd: int
-    balance_nanousd: int
-    # None skips the check that no settlement happened since the balance was read.
-    expected_settles: str | None
+    # None reads the cached balance inside the step.
+    balance_nanousd: int | None
+    # The generation `balance_nanousd` was computed under; None skips the check.
+    generation: int | None
     spend_limit_nanousd: int | None
     spend_slug: str
     requests_per_minute: int | None
     hold_ttl_ms: int
+    # (cache key, token) pairs the request was routed under; the step refuses to run when
+    # one has changed since. Only the Redis store checks them.
+    versions: tuple[tuple[str, int], ...] = ()
 
 
 # Keys: 1 account holds (zset id -> expiry ms), 2 account held (hash id -> nanousd),
-# 3 account settle count, 4 key holds, 5 key held, 6 key spend counter, 7 key window
-# (zset id -> admitted ms). ARGV: 1 now ms, 2 id, 3 hold, 4 balance, 5 expected settle
-# count ('' = unchecked), 6 spend limit ('' = none), 7 requests per minute ('' = none),
-# 8 hold ttl ms, 9 window ms.
+# 3 key holds, 4 key held, 5 key spend counter, 6 key window (zset id -> admitted ms),
+# 7 balance generation, 8... version tokens. ARGV: 1 now ms, 2 id, 3 hold, 4 balance
+# ('' = the cached one), 5 its generation ('' = unchecked), 6 cache key of the balance
+# without the generation, 7 spend limit ('' = none), 8 requests per minute ('' = none),
+# 9 hold ttl ms, 10 window ms, 11... the expected version tokens.
+# The cached balance's key depends on the generation, so the script builds it (a key not
+# declared in KEYS, which a single Redis server allows).
 ADMIT_SCRIPT = """
-local now = tonumber(ARGV[1])
-local hold = tonumber(ARGV[3])
-local balance = tonumber(ARGV[4])
-local limit = tonumber(ARGV[6])
-local rpm = tonumber(ARGV[7])
-local ttl = tonumber(ARGV[8])
-local window = tonumber(ARGV[9])
+for index = 8, #KEYS do
+  if redis.call('GET', KEYS[index]) ~= ARGV[index + 3] then
+    return {'versions'}
+  end
+end
 
-if ARGV[5] ~= '' and (redis.call('GET', KEYS[3]) or '0') ~= ARGV[5] then
+local generation = redis.call('GET', KEYS[7]) or '0'
+local raw = ARGV[4]
+if raw == '' then
+  raw = redis.call('GET', ARGV[6] .. generation)
+  if not raw then
+    return {'miss', generation}
+  end
+elseif ARGV[5] ~= '' and ARGV[5] ~= generation then
   return {'stale'}
 end
+local balance = tonumber(raw)
+if balance <= 0 then
+  return {'empty', raw}
+end
+balance = math.min(balance, 9007199254740991)
+
+local now = tonumber(ARGV[1])
+local hold = tonumber(ARGV[3])
+local limit = tonumber(ARGV[7])
+local rpm = tonumber(ARGV[8])
+local ttl = tonumber(ARGV[9])
+local window = tonumber(ARGV[10])
 
 local function held(zset, hash)
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', now)) do
@@ -244,20 +288,20 @@ local function held(zset, hash)
 end
 
 if rpm then
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - window)
-  if redis.call('ZCARD', KEYS[7]) >= rpm then
-    local oldest = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[6]) >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
     return {'rpm', tonumber(oldest[2]) + window - now}
   end
 end
 
 if limit then
-  local spent = redis.call('GET', KEYS[6])
+  local spent = redis.call('GET', KEYS[5])
   if not spent then
     return {'rebuild'}
   end
   spent = tonumber(spent)
-  local key_held = held(KEYS[4], KEYS[5])
+  local key_held = held(KEYS[3], KEYS[4])
   if spent + key_held >= limit or spent + key_held + hold > limit then
     return {'spend', spent, key_held}
   end
@@ -265,7 +309,7 @@ end
 
 local account_held = held(KEYS[1], KEYS[2])
 if account_held >= balance or account_held + hold > balance then
-  return {'balance', account_held}
+  return {'balance', account_held, raw}
 end
 
 if hold > 0 then
@@ -274,18 +318,35 @@ if hold > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
   if limit then
-    redis.call('ZADD', KEYS[4], now + ttl, ARGV[2])
-    redis.call('HSET', KEYS[5], ARGV[2], ARGV[3])
+    redis.call('ZADD', KEYS[3], now + ttl, ARGV[2])
+    redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+    redis.call('PEXPIRE', KEYS[3], ttl)
     redis.call('PEXPIRE', KEYS[4], ttl)
-    redis.call('PEXPIRE', KEYS[5], ttl)
   end
 end
 if rpm then
-  redis.call('ZADD', KEYS[7], now, ARGV[2])
-  redis.call('PEXPIRE', KEYS[7], window)
+  redis.call('ZADD', KEYS[6], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[6], window)
 end
 return {'ok'}
 """
+
+
+def _outcome(reply: list) -> Outcome:
+    """Read the admission script's reply."""
+    status = reply[0].decode()
+    if status == OVER_REQUESTS:
+        return Outcome(status, retry_after_ms=int(reply[1]))
+    if status == OVER_SPEND:
+        return Outcome(status, spent_nanousd=int(reply[1]), key_held_nanousd=int(reply[2]))
+    if status == OVER_BALANCE:
+        return Outcome(status, account_held_nanousd=int(reply[1]), balance_nanousd=int(reply[2]))
+    if status == OUT_OF_CREDIT:
+        return Outcome(status, balance_nanousd=int(reply[1]))
+    if status == BALANCE_MISS:
+        return Outcome(status, generation=int(reply[1]))
+    return Outcome(status)
+
 
 # Keys: 1 account holds, 2 account held, 3 account settle count, 4 key holds, 5 key held,
 # 6 key spend counter. ARGV: 1 id, 2 cost, 3 release ('1' or '0'), 4 settle count ttl ms.
@@ -327,8 +388,13 @@ class RedisLimits:
         self.client = redis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
         )
+        self.url = url
         self.prefix = prefix
         self._admit = self.client.register_script(ADMIT_SCRIPT)
+        # One client per event loop for the asynchronous admission step.
+        self._loop_clients: dict[
+            asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, AsyncScript]
+        ] = {}
         self._settle = self.client.register_script(SETTLE_SCRIPT)
         self._seed = self.client.register_script(SEED_SCRIPT)
 
@@ -353,42 +419,86 @@ class RedisLimits:
         value = self.client.get(f"{self._account(account_id)}:settles")
         return value.decode() if value is not None else "0"
 
+    def _hold_scopes(self, reservation: Reservation, *, with_key: bool) -> list[tuple[str, str]]:
+        keys = self._keys(reservation.account_id, reservation.key_id, "")
+        return [(keys[0], keys[1])] + ([(keys[3], keys[4])] if with_key else [])
+
     def hold_replace(
         self, *, reservation: Reservation, amount_nanousd: int, with_key: bool, until_ms: int
     ) -> None:
-        keys = self._keys(reservation.account_id, reservation.key_id, "")
-        scopes = [(keys[0], keys[1])] + ([(keys[3], keys[4])] if with_key else [])
         pipeline = self.client.pipeline(transaction=True)
-        for holds, amounts in scopes:
+        for holds, amounts in self._hold_scopes(reservation, with_key=with_key):
             pipeline.zadd(holds, {reservation.reservation_id: until_ms})
             pipeline.hset(amounts, reservation.reservation_id, amount_nanousd)
             pipeline.pexpireat(holds, until_ms)
             pipeline.pexpireat(amounts, until_ms)
         pipeline.execute()
 
-    def admit(self, args: AdmitArgs) -> Outcome:
-        reply = self._admit(
-            keys=self._keys(args.account_id, args.key_id, args.spend_slug),
-            args=[
+    def _admit_call(self, args: AdmitArgs) -> tuple[list[str], list[object]]:
+        """Return the admission script's keys and arguments."""
+        keys = self._keys(args.account_id, args.key_id, args.spend_slug)
+        return (
+            [
+                keys[0],
+                keys[1],
+                keys[3],
+                keys[4],
+                keys[5],
+                keys[6],
+                cache.make_key(BALANCE_GENERATION_KEY.format(account_id=args.account_id)),
+                *(cache.make_key(key) for key, _token in args.versions),
+            ],
+            [
                 args.now_ms,
                 args.reservation_id,
                 args.hold_nanousd,
-                args.balance_nanousd,
-                args.expected_settles or "",
+                "" if args.balance_nanousd is None else args.balance_nanousd,
+                "" if args.generation is None else args.generation,
+                cache.make_key(balance_cache_key(account_id=args.account_id, generation="")),
                 "" if args.spend_limit_nanousd is None else args.spend_limit_nanousd,
                 "" if args.requests_per_minute is None else args.requests_per_minute,
                 args.hold_ttl_ms,
                 REQUEST_WINDOW_MS,
+                *(token for _key, token in args.versions),
             ],
         )
-        status = reply[0].decode()
-        if status == OVER_REQUESTS:
-            return Outcome(status, retry_after_ms=int(reply[1]))
-        if status == OVER_SPEND:
-            return Outcome(status, spent_nanousd=int(reply[1]), key_held_nanousd=int(reply[2]))
-        if status == OVER_BALANCE:
-            return Outcome(status, account_held_nanousd=int(reply[1]))
-        return Outcome(status)
+
+    def admit(self, args: AdmitArgs) -> Outcome:
+        keys, arguments = self._admit_call(args)
+        return _outcome(self._admit(keys=keys, args=arguments))
+
+    def _loop_client(self) -> tuple[redis.asyncio.Redis, AsyncScript]:
+        """Return this event loop's client and its admission script."""
+        loop = asyncio.get_running_loop()
+        entry = self._loop_clients.get(loop)
+        if entry is None:
+            for stale in [other for other in self._loop_clients if other.is_closed()]:
+                self._loop_clients.pop(stale, None)
+            client = redis.asyncio.Redis.from_url(
+                self.url,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            )
+            entry = self._loop_clients[loop] = (client, client.register_script(ADMIT_SCRIPT))
+        return entry
+
+    async def admit_async(self, args: AdmitArgs) -> Outcome:
+        """Run the admission step on the event loop, with no thread in between."""
+        _client, script = self._loop_client()
+        keys, arguments = self._admit_call(args)
+        return _outcome(await script(keys=keys, args=arguments))
+
+    async def hold_replace_async(
+        self, *, reservation: Reservation, amount_nanousd: int, with_key: bool, until_ms: int
+    ) -> None:
+        client, _script = self._loop_client()
+        pipeline = client.pipeline(transaction=True)
+        for holds, amounts in self._hold_scopes(reservation, with_key=with_key):
+            pipeline.zadd(holds, {reservation.reservation_id: until_ms})
+            pipeline.hset(amounts, reservation.reservation_id, amount_nanousd)
+            pipeline.pexpireat(holds, until_ms)
+            pipeline.pexpireat(amounts, until_ms)
+        await pipeline.execute()
 
     def spend_seed(
         self,
@@ -406,23 +516,22 @@ class RedisLimits:
         )
         return seeded == 1
 
-    def settle(
-        self,
-        *,
-        reservation: Reservation,
-        spend_slug: str,
-        cost_nanousd: int,
-        release: bool,
-    ) -> None:
-        self._settle(
-            keys=self._keys(reservation.account_id, reservation.key_id, spend_slug)[:6],
-            args=[
-                reservation.reservation_id,
-                cost_nanousd,
-                "1" if release else "0",
-                SETTLE_COUNT_TTL_MS,
-            ],
-        )
+    def settle(self, items: list["HoldSettlement"]) -> None:
+        """Settle every item, in one round trip."""
+        pipeline = self.client.pipeline(transaction=False)
+        for item in items:
+            reservation = item.reservation
+            self._settle(
+                keys=self._keys(reservation.account_id, reservation.key_id, item.spend_slug)[:6],
+                args=[
+                    reservation.reservation_id,
+                    item.cost_nanousd,
+                    "1" if item.release else "0",
+                    SETTLE_COUNT_TTL_MS,
+                ],
+                client=pipeline,
+            )
+        pipeline.execute()
 
     def spend_counted(self, *, account_id: int, key_id: int, spend_slug: str) -> int | None:
         value = self.client.get(self._keys(account_id, key_id, spend_slug)[5])
@@ -479,9 +588,14 @@ class LocalLimits:
     def admit(self, args: AdmitArgs) -> Outcome:
         now = args.now_ms
         with self._lock:
-            settles = str(self._settles.get(args.account_id, 0))
-            if args.expected_settles is not None and settles != args.expected_settles:
-                return Outcome(STALE)
+            # Read under the lock: a settlement commits its charge before it takes the lock
+            # to drop its hold, so the balance read here never lacks a charge whose hold
+            # is gone.
+            balance = args.balance_nanousd
+            if balance is None:
+                balance = account_balance_cached(account_id=args.account_id)
+            if balance <= 0:
+                return Outcome(OUT_OF_CREDIT, balance_nanousd=balance)
             window = self._windows.setdefault(args.key_id, [])
             if args.requests_per_minute is not None:
                 window[:] = [admitted for admitted in window if admitted > now - REQUEST_WINDOW_MS]
@@ -498,9 +612,10 @@ class LocalLimits:
                 if spent + key_held >= limit or spent + key_held + args.hold_nanousd > limit:
                     return Outcome(OVER_SPEND, spent_nanousd=spent, key_held_nanousd=key_held)
             account_held = self._held(f"a{args.account_id}", now)
-            balance = args.balance_nanousd
             if account_held >= balance or account_held + args.hold_nanousd > balance:
-                return Outcome(OVER_BALANCE, account_held_nanousd=account_held)
+                return Outcome(
+                    OVER_BALANCE, account_held_nanousd=account_held, balance_nanousd=balance
+                )
             if args.hold_nanousd > 0:
                 entry = (args.hold_nanousd, now + args.hold_ttl_ms)
                 self._holds.setdefault(f"a{args.account_id}", {})[args.reservation_id] = entry
@@ -528,24 +643,19 @@ class LocalLimits:
                 self._spend[key_id] = (spend_slug, spent_nanousd)
             return True
 
-    def settle(
-        self,
-        *,
-        reservation: Reservation,
-        spend_slug: str,
-        cost_nanousd: int,
-        release: bool,
-    ) -> None:
+    def settle(self, items: list["HoldSettlement"]) -> None:
         with self._lock:
-            if release:
-                for scope in (f"a{reservation.account_id}", f"k{reservation.key_id}"):
-                    self._holds.get(scope, {}).pop(reservation.reservation_id, None)
-            if cost_nanousd:
-                slug, spent = self._spend.get(reservation.key_id, ("", 0))
-                if slug == spend_slug:
-                    self._spend[reservation.key_id] = (slug, spent + cost_nanousd)
-                account_id = reservation.account_id
-                self._settles[account_id] = self._settles.get(account_id, 0) + 1
+            for item in items:
+                reservation = item.reservation
+                if item.release:
+                    for scope in (f"a{reservation.account_id}", f"k{reservation.key_id}"):
+                        self._holds.get(scope, {}).pop(reservation.reservation_id, None)
+                if item.cost_nanousd:
+                    slug, spent = self._spend.get(reservation.key_id, ("", 0))
+                    if slug == item.spend_slug:
+                        self._spend[reservation.key_id] = (slug, spent + item.cost_nanousd)
+                    account_id = reservation.account_id
+                    self._settles[account_id] = self._settles.get(account_id, 0) + 1
 
     def spend_counted(self, *, account_id: int, key_id: int, spend_slug: str) -> int | None:
         with self._lock:
@@ -571,7 +681,7 @@ _redis_stores: dict[str, RedisLimits] = {}
 _redis_stores_lock = threading.Lock()
 
 
-def reservation_hold_cost(
+async def reservation_hold_cost(
     *, reservation: Reservation, identity: KeyIdentity, cost_nanousd: int, at: datetime
 ) -> None:
     """Hold a finished request's real cost until its charge is written.
@@ -582,12 +692,17 @@ def reservation_hold_cost(
     attempt drops this hold as it drops any other.
     """
     until_ms = epoch_ms(at) + settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000
-    limits_store().hold_replace(
-        reservation=reservation,
-        amount_nanousd=cost_nanousd,
-        with_key=identity.spend_limit_nanousd is not None,
-        until_ms=until_ms,
-    )
+    hold = {
+        "reservation": reservation,
+        "amount_nanousd": cost_nanousd,
+        "with_key": identity.spend_limit_nanousd is not None,
+        "until_ms": until_ms,
+    }
+    store = limits_store()
+    if isinstance(store, RedisLimits):
+        await store.hold_replace_async(**hold)
+    else:
+        store.hold_replace(**hold)
 
 
 def limits_store() -> RedisLimits | LocalLimits:
@@ -611,21 +726,10 @@ def limits_store() -> RedisLimits | LocalLimits:
     return store
 
 
-def reservation_hold(
-    *,
-    identity: KeyIdentity,
-    body: dict,
-    prices: list[Price | None],
-    at: datetime | None = None,
-) -> Reservation:
-    """Check the key's limits and the account's credit, and hold the worst-case cost.
-
-    `prices` are those of every route the request may take; the dearest worst case is
-    held. Raises GatewayError: 429 over the requests per minute or the spend limit, 402
-    when the credit left after other holds does not cover the request, 503 when the
-    limits store cannot be reached.
-    """
-    at = at or timezone.now()
+def _reservation_new(
+    *, identity: KeyIdentity, body: dict, prices: list[Price | None], at: datetime
+) -> tuple[Reservation, SpendPeriod]:
+    """Price the request's worst case on the dearest of its routes."""
     hold = max((worst_case_cost(body=body, price=price) for price in prices), default=0)
     period = spend_period(period=identity.spend_limit_period, at=at)
     reservation = Reservation(
@@ -635,23 +739,67 @@ def reservation_hold(
         hold_nanousd=hold,
         spend_limit_period=period.kind,
     )
-    store = limits_store()
-    try:
-        outcome, balance = _admit(store, reservation, identity=identity, period=period, at=at)
-    except redis.RedisError as error:
-        logger.error(
-            "Limits store unreachable for key %s: %s", identity.key_id, type(error).__name__
+    return reservation, period
+
+
+def _admit_args(
+    reservation: Reservation,
+    *,
+    identity: KeyIdentity,
+    period: SpendPeriod,
+    at: datetime,
+    balance: int | None = None,
+    generation: int | None = None,
+    versions: tuple[tuple[str, int], ...] = (),
+) -> AdmitArgs:
+    return AdmitArgs(
+        reservation_id=reservation.reservation_id,
+        account_id=reservation.account_id,
+        key_id=reservation.key_id,
+        now_ms=epoch_ms(at),
+        hold_nanousd=min(reservation.hold_nanousd, EXACT_LIMIT),
+        balance_nanousd=balance,
+        generation=generation,
+        spend_limit_nanousd=identity.spend_limit_nanousd,
+        spend_slug=period.slug,
+        requests_per_minute=identity.requests_per_minute,
+        hold_ttl_ms=settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000,
+        versions=versions,
+    )
+
+
+def _limits_unavailable(identity: KeyIdentity, error: Exception) -> GatewayError:
+    logger.error("Limits store unreachable for key %s: %s", identity.key_id, type(error).__name__)
+    return GatewayError(
+        503,
+        "The gateway cannot check this key's limits right now; retry shortly.",
+        openai_type="api_error",
+        code="limits_unavailable",
+    )
+
+
+def _refusal(
+    outcome: Outcome,
+    *,
+    identity: KeyIdentity,
+    reservation: Reservation,
+    period: SpendPeriod,
+    at: datetime,
+) -> GatewayError | None:
+    """Return the error for a refused request, or None when it was admitted."""
+    if outcome.status == OUT_OF_CREDIT:
+        return GatewayError(
+            402,
+            f"Out of credit: the balance is USD {format_usd_short(outcome.balance_nanousd)}. "
+            f"Buy credits at {settings.PUBLIC_URL}/credits/ or with "
+            "POST /api/credits/checkout-session.",
+            openai_type="insufficient_quota",
+            code="insufficient_quota",
         )
-        raise GatewayError(
-            503,
-            "The gateway cannot check this key's limits right now; retry shortly.",
-            openai_type="api_error",
-            code="limits_unavailable",
-        ) from error
     if outcome.status == OVER_REQUESTS:
         logger.info("Access key %s is over its requests per minute", identity.key_id)
         seconds = ceil_seconds(outcome.retry_after_ms)
-        raise GatewayError(
+        return GatewayError(
             429,
             f"This access key allows {identity.requests_per_minute} "
             f"request{'' if identity.requests_per_minute == 1 else 's'} per minute; "
@@ -662,10 +810,70 @@ def reservation_hold(
         )
     if outcome.status == OVER_SPEND:
         logger.info("Access key %s is over its spend limit", identity.key_id)
-        raise _spend_limit_error(identity, outcome, hold=hold, period=period, at=at)
+        return _spend_limit_error(
+            identity, outcome, hold=reservation.hold_nanousd, period=period, at=at
+        )
     if outcome.status == OVER_BALANCE:
         logger.info("Account %s has no credit left after reservations", identity.account_id)
-        raise _balance_error(outcome, hold=hold, balance=balance)
+        return _balance_error(outcome, hold=reservation.hold_nanousd)
+    return None
+
+
+def reservation_hold(
+    *,
+    identity: KeyIdentity,
+    body: dict,
+    prices: list[Price | None],
+    at: datetime | None = None,
+) -> Reservation:
+    """Check the account's credit and the key's limits, and hold the worst-case cost.
+
+    `prices` are those of every route the request may take; the dearest worst case is
+    held. Raises GatewayError: 402 when the balance is used up or the credit left after
+    other holds does not cover the request, 429 over the requests per minute or the
+    spend limit, 503 when the limits store cannot be reached.
+    """
+    at = at or timezone.now()
+    reservation, period = _reservation_new(identity=identity, body=body, prices=prices, at=at)
+    try:
+        outcome = _admit(limits_store(), reservation, identity=identity, period=period, at=at)
+    except redis.RedisError as error:
+        raise _limits_unavailable(identity, error) from error
+    refusal = _refusal(outcome, identity=identity, reservation=reservation, period=period, at=at)
+    if refusal is not None:
+        raise refusal
+    return reservation
+
+
+async def reservation_hold_cached(
+    *,
+    identity: KeyIdentity,
+    body: dict,
+    prices: list[Price | None],
+    versions: tuple[tuple[str, int], ...],
+) -> Reservation | None:
+    """Run `reservation_hold`'s step in one round trip to Redis, on the event loop.
+
+    `versions` are the tokens the routes were resolved under. Returns None, having held
+    nothing, when the step needs more than the caches hold (a balance to compute, a spend
+    counter to rebuild, a changed token) or when there is no Redis; `reservation_hold`
+    then decides in a worker thread.
+    """
+    store = limits_store()
+    if not isinstance(store, RedisLimits):
+        return None
+    at = timezone.now()
+    reservation, period = _reservation_new(identity=identity, body=body, prices=prices, at=at)
+    args = _admit_args(reservation, identity=identity, period=period, at=at, versions=versions)
+    try:
+        outcome = await store.admit_async(args)
+    except redis.RedisError as error:
+        raise _limits_unavailable(identity, error) from error
+    if outcome.status in RETRY_STATUSES:
+        return None
+    refusal = _refusal(outcome, identity=identity, reservation=reservation, period=period, at=at)
+    if refusal is not None:
+        raise refusal
     return reservation
 
 
@@ -676,36 +884,35 @@ def _admit(
     identity: KeyIdentity,
     period: SpendPeriod,
     at: datetime,
-) -> tuple[Outcome, int]:
-    """Run the admission step, rebuilding a missing spend counter on the way.
+) -> Outcome:
+    """Run the admission step, computing a missing balance or spend counter on the way.
 
-    The settle count is read before the balance: when a settlement lands in between,
-    the cached balance may predate its charge while its hold is already gone, so the
-    step is retried (at most STALE_RETRIES times, then run unchecked).
+    A balance computed here is passed with the generation it was computed under; when a
+    ledger write lands in between, the step is retried with the cached balance (at most
+    STALE_RETRIES times, then the computed balance is used unchecked).
     """
     stale = 0
+    balance = generation = None
     for _ in range(ADMIT_ROUNDS):
-        expected = None
-        if stale < STALE_RETRIES:
-            expected = store.settle_count(account_id=reservation.account_id)
-        balance = account_balance_cached(account_id=reservation.account_id)
-        args = AdmitArgs(
-            reservation_id=reservation.reservation_id,
-            account_id=reservation.account_id,
-            key_id=reservation.key_id,
-            now_ms=epoch_ms(at),
-            hold_nanousd=min(reservation.hold_nanousd, EXACT_LIMIT),
-            balance_nanousd=min(max(balance, 0), EXACT_LIMIT),
-            expected_settles=expected,
-            spend_limit_nanousd=identity.spend_limit_nanousd,
-            spend_slug=period.slug,
-            requests_per_minute=identity.requests_per_minute,
-            hold_ttl_ms=settings.GATEWAY_RESERVATION_TTL_SECONDS * 1000,
+        outcome = store.admit(
+            _admit_args(
+                reservation,
+                identity=identity,
+                period=period,
+                at=at,
+                balance=balance,
+                generation=generation if stale < STALE_RETRIES else None,
+            )
         )
-        outcome = store.admit(args)
-        if outcome.status == STALE:
+        if outcome.status == BALANCE_MISS:
+            generation = outcome.generation
+            balance = balance_cache_fill(account_id=reservation.account_id, generation=generation)
+        elif outcome.status == STALE:
             stale += 1
+            balance = generation = None
         elif outcome.status == REBUILD:
+            # Read before the sum: a settlement in between makes the seed refuse.
+            expected = store.settle_count(account_id=reservation.account_id)
             spent = key_spend_recorded(
                 account_id=reservation.account_id, key_id=reservation.key_id, period=period
             )
@@ -715,11 +922,11 @@ def _admit(
                 spend_slug=period.slug,
                 spent_nanousd=spent,
                 ttl_ms=spend_counter_ttl_ms(period, at=at),
-                expected_settles=expected,
+                expected_settles=expected if stale < STALE_RETRIES else None,
             )
             stale += 0 if seeded else 1
         else:
-            return outcome, balance
+            return outcome
     raise redis.RedisError("the admission step did not settle")
 
 
@@ -756,8 +963,9 @@ def _spend_limit_error(
     )
 
 
-def _balance_error(outcome: Outcome, *, hold: int, balance: int) -> GatewayError:
+def _balance_error(outcome: Outcome, *, hold: int) -> GatewayError:
     held = outcome.account_held_nanousd
+    balance = outcome.balance_nanousd
     message = f"Not enough credit: the balance is USD {format_usd_short(balance)}"
     if held:
         message += f", of which USD {format_usd_short(held)} is held for requests in flight"
@@ -775,28 +983,46 @@ def _balance_error(outcome: Outcome, *, hold: int, balance: int) -> GatewayError
     return GatewayError(402, message, openai_type="insufficient_quota", code="insufficient_quota")
 
 
+@dataclass(frozen=True)
+class HoldSettlement:
+    """A metered attempt's cost to count against its key, and whether to drop its hold."""
+
+    reservation: Reservation
+    cost_nanousd: int
+    # The usage record's `created_at`, which decides the spend period.
+    at: datetime
+    release: bool = True
+
+    @property
+    def spend_slug(self) -> str:
+        return spend_period(period=self.reservation.spend_limit_period, at=self.at).slug
+
+
+def reservations_settle(items: list[HoldSettlement]) -> None:
+    """Count metered attempts' costs against their keys and drop the holds marked `release`.
+
+    Call it after the attempts' usage records are committed: a spend counter rebuilt in
+    between then already includes the cost. A store that cannot be reached is logged and
+    skipped: the holds lapse on their own and a missing counter is rebuilt.
+    """
+    if not items:
+        return
+    try:
+        limits_store().settle(items)
+    except redis.RedisError as error:
+        logger.warning(
+            "Settling %s reservations failed, first %s: %s",
+            len(items),
+            items[0].reservation.reservation_id,
+            type(error).__name__,
+        )
+
+
 def reservation_settle(
     *, reservation: Reservation, cost_nanousd: int, at: datetime, release: bool = True
 ) -> None:
-    """Count a metered attempt's cost against the key and, with `release`, drop the hold.
-
-    Call it after the attempt's usage record is committed: a spend counter rebuilt in
-    between then already includes the cost. `at` is the usage record's `created_at`,
-    which decides the period. A store that cannot be reached is logged and skipped: the
-    hold lapses on its own and a missing counter is rebuilt.
-    """
-    period = spend_period(period=reservation.spend_limit_period, at=at)
-    try:
-        limits_store().settle(
-            reservation=reservation,
-            spend_slug=period.slug,
-            cost_nanousd=cost_nanousd,
-            release=release,
-        )
-    except redis.RedisError as error:
-        logger.warning(
-            "Settling reservation %s failed: %s", reservation.reservation_id, type(error).__name__
-        )
+    """Settle one attempt (see `reservations_settle`)."""
+    reservations_settle([HoldSettlement(reservation, cost_nanousd, at, release)])
 
 
 def reservation_release(*, reservation: Reservation) -> None:

@@ -502,18 +502,27 @@ def provider_config_load(*, account_id: int) -> ProviderConfig:
     return ProviderConfig(own_keys=own_keys, custom=custom)
 
 
-def cache_version(key: str, known: str | None = None) -> str:
+def version_token_new() -> int:
+    """Return a new version token: an integer, which the cache stores as plain text, so the
+    admission script in Redis can compare it."""
+    return secrets.randbits(62)
+
+
+def cache_version(key: str, known: object = None) -> int:
     """Return the version token stored under `key`, creating one if the cache has none.
 
     Pass `known` when the token was already read (for example with `cache.get_many`).
     """
-    if known is not None:
-        return known
+    token = known if known is not None else cache.get(key)
+    if isinstance(token, int):
+        return token
+    # Missing, or in an older format the admission script cannot compare.
+    cache.add(key, version_token_new(), timeout=None)
     token = cache.get(key)
-    if token is None:
-        cache.add(key, secrets.token_hex(8), timeout=None)
-        # Another process may have added its token first; everyone uses the stored one.
-        token = cache.get(key)
+    if not isinstance(token, int):
+        token = version_token_new()
+        cache.set(key, token, timeout=None)
+    # Another process may have added its token first; everyone uses the stored one.
     return token
 
 
@@ -522,10 +531,18 @@ def provider_config_version_key(account_id: int) -> str:
 
 
 # account id -> (version token, monotonic expiry, configuration); this process only.
-_configs: dict[int, tuple[str, float, ProviderConfig]] = {}
+_configs: dict[int, tuple[int, float, ProviderConfig]] = {}
 
 
-def account_provider_config(*, account_id: int, version: str | None = None) -> ProviderConfig:
+def account_provider_config_local(*, account_id: int) -> tuple[int, ProviderConfig] | None:
+    """Return the configuration in this process's memory with its version token, if fresh."""
+    entry = _configs.get(account_id)
+    if entry is None or entry[1] <= time.monotonic():
+        return None
+    return entry[0], entry[2]
+
+
+def account_provider_config(*, account_id: int, version: int | None = None) -> ProviderConfig:
     """Return an account's provider configuration, from this process's memory when current.
 
     `version` is the token under `provider_config_version_key(account_id)` when the
@@ -550,6 +567,6 @@ def provider_config_evict_on_commit(*, account_id: int) -> None:
 
     def evict() -> None:
         _configs.pop(account_id, None)
-        cache.set(provider_config_version_key(account_id), secrets.token_hex(8), timeout=None)
+        cache.set(provider_config_version_key(account_id), version_token_new(), timeout=None)
 
     transaction.on_commit(evict)

@@ -1,6 +1,8 @@
 """The metering proxy: `/v1/chat/completions` and `/v1/messages`.
 
-A request is admitted (key, limits, balance, routes) in one worker thread, forwarded
+A request is admitted (key, limits, balance, routes) on the event loop with one round trip
+to Redis when this process has the key and the account's configuration in memory, else
+in a worker thread. It is forwarded
 with one pooled HTTP session per event loop, passed back unbuffered, and metered in
 batches once its usage is known (gateway.metering). A whole response is charged just
 after it is sent. A stream is forwarded event by event and charged before its terminal
@@ -37,7 +39,13 @@ from gateway.limits import reservation_hold_cost
 from gateway.metering import metering_queue
 from gateway.models import UsageRecord
 from gateway.pricing import TokenUsage, request_cost
-from gateway.routing import Admission, Route, models_for_key, request_admit
+from gateway.routing import (
+    Admission,
+    Route,
+    models_for_key,
+    request_admit,
+    request_admit_cached,
+)
 from gateway.services import Attempt
 from gateway.upstream import UpstreamError, UpstreamResponse, upstream_send
 from gateway.usage import (
@@ -184,9 +192,11 @@ async def proxy(request: HttpRequest, *, surface: str) -> HttpResponse:
     if body is None:
         return error_response(invalid_json(), surface=surface, request_id=request_id)
     try:
-        admission = await run_in(
-            ADMISSION_EXECUTOR, request_admit, raw_key=raw_key, body=body, surface=surface
-        )
+        admission = await request_admit_cached(raw_key=raw_key, body=body, surface=surface)
+        if admission is None:
+            admission = await run_in(
+                ADMISSION_EXECUTOR, request_admit, raw_key=raw_key, body=body, surface=surface
+            )
     except GatewayError as error:
         return error_response(error, surface=surface, request_id=request_id)
 
@@ -332,9 +342,7 @@ async def _whole_response(*, upstream: UpstreamResponse, meter_args: dict) -> Ht
     route = meter_args["route"]
     if after_response and succeeded and admission.reservation is not None:
         cost = request_cost(usage=usage, price=route.price).total_nanousd
-        await run_in(
-            ADMISSION_EXECUTOR,
-            reservation_hold_cost,
+        await reservation_hold_cost(
             reservation=admission.reservation,
             identity=admission.identity,
             cost_nanousd=cost,

@@ -14,7 +14,6 @@ charged only the fee.
 """
 
 import logging
-import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,10 +25,8 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from credits.money import format_usd_short
-from credits.services import account_balance_cached
 from gateway.errors import ANTHROPIC, OPENAI, GatewayError, invalid_key
-from gateway.limits import Reservation, reservation_hold
+from gateway.limits import Reservation, reservation_hold, reservation_hold_cached
 from gateway.models import ModelPrice, UsageRecord
 from gateway.pricing import Price
 from gateway.providers import (
@@ -37,11 +34,13 @@ from gateway.providers import (
     ProviderConfig,
     UpstreamAddressError,
     account_provider_config,
+    account_provider_config_local,
     cache_version,
     provider_config_version_key,
     upstream_host_check_cached,
+    version_token_new,
 )
-from gateway.services import KeyIdentity, access_key_authenticate
+from gateway.services import KeyIdentity, access_key_authenticate, access_key_identity_local
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +145,10 @@ def price_catalog_load() -> PriceCatalog:
 
 
 # "catalog" -> (version token, monotonic expiry, catalog); this process only.
-_catalog: dict[str, tuple[str, float, PriceCatalog]] = {}
+_catalog: dict[str, tuple[int, float, PriceCatalog]] = {}
 
 
-def price_catalog(*, version: str | None = None) -> PriceCatalog:
+def price_catalog(*, version: int | None = None) -> PriceCatalog:
     """Return the price table from this process's memory while its version token is current.
 
     Prices with a later `effective_from` are part of the cached table, so a scheduled
@@ -165,12 +164,20 @@ def price_catalog(*, version: str | None = None) -> PriceCatalog:
     return catalog
 
 
+def price_catalog_local() -> tuple[int, PriceCatalog] | None:
+    """Return the price table in this process's memory with its version token, if fresh."""
+    entry = _catalog.get("catalog")
+    if entry is None or entry[1] <= time.monotonic():
+        return None
+    return entry[0], entry[2]
+
+
 def price_catalog_evict_on_commit() -> None:
     """Make every process reload the price table once the current transaction commits."""
 
     def evict() -> None:
         _catalog.pop("catalog", None)
-        cache.set(PRICE_CATALOG_VERSION_KEY, secrets.token_hex(8), timeout=None)
+        cache.set(PRICE_CATALOG_VERSION_KEY, version_token_new(), timeout=None)
 
     transaction.on_commit(evict)
 
@@ -411,6 +418,21 @@ def routes_resolve(*, identity: KeyIdentity, body: dict, surface: str) -> list[R
     """
     requested = _requested_models(body)
     config, catalog = _snapshot(identity.account_id)
+    routes = _routes(
+        identity=identity, requested=requested, surface=surface, config=config, catalog=catalog
+    )
+    return _reachable(routes, account_id=identity.account_id)
+
+
+def _routes(
+    *,
+    identity: KeyIdentity,
+    requested: list[object],
+    surface: str,
+    config: ProviderConfig,
+    catalog: PriceCatalog,
+) -> list[Route]:
+    """Resolve the requested models, skipping any that repeats a route already chosen."""
     at = timezone.now()
     routes: list[Route] = []
     seen: set[tuple[str, str]] = set()
@@ -427,14 +449,20 @@ def routes_resolve(*, identity: KeyIdentity, body: dict, surface: str) -> list[R
         if (route.provider, route.model) not in seen:
             seen.add((route.provider, route.model))
             routes.append(route)
-    return _reachable(routes, account_id=identity.account_id)
+    return routes
 
 
-def request_admit(*, raw_key: str, body: dict, surface: str) -> Admission:
-    """Check the key, the account and the balance, and pick the routes; raise GatewayError."""
-    identity = access_key_authenticate(raw_key=raw_key)
-    if identity is None:
-        raise invalid_key()
+def _account_frozen() -> GatewayError:
+    return GatewayError(
+        403,
+        "This account is frozen; contact support.",
+        openai_type="permission_error",
+        code="account_frozen",
+    )
+
+
+def _identity_check(identity: KeyIdentity) -> None:
+    """Refuse a key without the `inference` scope or of a frozen account."""
     if not identity.has_scope("inference"):
         raise GatewayError(
             403,
@@ -443,27 +471,66 @@ def request_admit(*, raw_key: str, body: dict, surface: str) -> Admission:
             code="insufficient_scope",
         )
     if identity.account_frozen:
-        raise GatewayError(
-            403,
-            "This account is frozen; contact support.",
-            openai_type="permission_error",
-            code="account_frozen",
-        )
+        raise _account_frozen()
+
+
+def request_admit(*, raw_key: str, body: dict, surface: str) -> Admission:
+    """Check the key, the account and the balance, and pick the routes; raise GatewayError."""
+    identity = access_key_authenticate(raw_key=raw_key)
+    if identity is None:
+        raise invalid_key()
+    _identity_check(identity)
     routes = routes_resolve(identity=identity, body=body, surface=surface)
-    balance = account_balance_cached(account_id=identity.account_id)
-    if balance <= 0:
-        raise GatewayError(
-            402,
-            f"Out of credit: the balance is USD {format_usd_short(balance)}. "
-            f"Buy credits at {settings.PUBLIC_URL}/credits/ or with "
-            "POST /api/credits/checkout-session.",
-            openai_type="insufficient_quota",
-            code="insufficient_quota",
-        )
-    # The key's limits, and the credit left after requests in flight hold theirs.
+    # The balance, the key's limits, and the credit left after requests in flight hold
+    # theirs.
     reservation = reservation_hold(
         identity=identity, body=body, prices=[route.price for route in routes]
     )
+    return Admission(identity=identity, routes=routes, reservation=reservation)
+
+
+async def request_admit_cached(*, raw_key: str, body: dict, surface: str) -> Admission | None:
+    """Admit a request from this process's memory and one round trip to Redis.
+
+    The key's identity, the account's provider configuration and the price table must be
+    in this process's memory; the admission step then checks, atomically with the
+    balance and the limits, that the configuration and prices have not changed since.
+    Returns None whenever it cannot decide alone (anything missing from memory, a custom
+    provider, whose host is checked in DNS, an error, a changed token), having held
+    nothing; `request_admit` then decides in a worker thread.
+    """
+    identity = access_key_identity_local(raw_key=raw_key)
+    if identity is None or not identity.has_scope("inference") or identity.account_frozen:
+        return None
+    config_entry = account_provider_config_local(account_id=identity.account_id)
+    catalog_entry = price_catalog_local()
+    if config_entry is None or catalog_entry is None:
+        return None
+    (config_version, config), (catalog_version, catalog) = config_entry, catalog_entry
+    try:
+        routes = _routes(
+            identity=identity,
+            requested=_requested_models(body),
+            surface=surface,
+            config=config,
+            catalog=catalog,
+        )
+    except GatewayError:
+        # Decided again from fresh tokens: the error may come from a stale configuration.
+        return None
+    if any(route.key_source == UsageRecord.KeySource.CUSTOM for route in routes):
+        return None
+    reservation = await reservation_hold_cached(
+        identity=identity,
+        body=body,
+        prices=[route.price for route in routes],
+        versions=(
+            (provider_config_version_key(identity.account_id), config_version),
+            (PRICE_CATALOG_VERSION_KEY, catalog_version),
+        ),
+    )
+    if reservation is None:
+        return None
     return Admission(identity=identity, routes=routes, reservation=reservation)
 
 
@@ -484,12 +551,7 @@ def models_for_key(*, raw_key: str, api_format: str | None = None) -> list[dict]
     if identity is None:
         raise invalid_key()
     if identity.account_frozen:
-        raise GatewayError(
-            403,
-            "This account is frozen; contact support.",
-            openai_type="permission_error",
-            code="account_frozen",
-        )
+        raise _account_frozen()
     config, catalog = _snapshot(identity.account_id)
     models: list[dict] = []
     for provider, model, since in catalog.listed(at=timezone.now()):

@@ -185,6 +185,20 @@ class KeyIdentity:
 _local_identities: dict[str, tuple["KeyIdentity", float]] = {}
 
 
+def access_key_identity_local(*, raw_key: str) -> KeyIdentity | None:
+    """Return a usable key's identity from this process's memory, or None when it is not
+    there (or the key has expired): `access_key_authenticate` then decides."""
+    if not raw_key.startswith(KEY_PREFIX):
+        return None
+    local = _local_identities.get(access_key_hash(raw_key))
+    if local is None or time.monotonic() >= local[1]:
+        return None
+    identity = local[0]
+    if identity.expires_at is not None and timezone.now() >= identity.expires_at:
+        return None
+    return identity
+
+
 def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
     """Return the identity of a usable key, or None for a missing, revoked or expired one."""
     if not raw_key.startswith(KEY_PREFIX):

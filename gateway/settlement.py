@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from django.db import close_old_connections
 
 from credits.services import account_balance_cached
-from gateway.limits import Reservation, reservation_release, reservation_settle
+from gateway.limits import HoldSettlement, Reservation, reservation_release, reservations_settle
 from gateway.models import UsageRecord
 from gateway.services import Attempt, usage_records_batch
 
@@ -33,14 +33,15 @@ def usage_settle_batch(items: list[Settlement]) -> list[UsageRecord]:
             if item.reservation is not None:
                 reservation_release(reservation=item.reservation)
         raise
-    for item, record in zip(items, records, strict=True):
-        if item.reservation is not None and (item.final or record.cost_nanousd):
-            reservation_settle(
-                reservation=item.reservation,
-                cost_nanousd=record.cost_nanousd,
-                at=record.created_at,
-                release=item.final,
+    reservations_settle(
+        [
+            HoldSettlement(
+                item.reservation, record.cost_nanousd, record.created_at, release=item.final
             )
+            for item, record in zip(items, records, strict=True)
+            if item.reservation is not None and (item.final or record.cost_nanousd)
+        ]
+    )
 
     # The debits evicted the cached balances; computing them again here, off the request
     # path, spares the next request of each account the database query.

@@ -12,12 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.core.cache import cache
 from django.db import connections
 from django.test import Client
 from django.utils import timezone
 
 from credits.models import LedgerTransaction
-from credits.services import account_balance, credit_grant
+from credits.services import (
+    BALANCE_GENERATION_KEY,
+    account_balance,
+    balance_cache_key,
+    balance_generation,
+    credit_grant,
+    usage_debit,
+)
 from gateway import limits
 from gateway.errors import GatewayError
 from gateway.limits import (
@@ -166,33 +174,87 @@ def test_concurrent_requests_stop_at_rpm(store, funded):
     assert held_nanousd(account_id=funded.account.pk, at=T0) == 0
 
 
-def test_settlement_during_admission_retries(store, owner, monkeypatch):
-    """A balance read just before a charge must not be paired with that charge's freed hold."""
+def charged_and_settled(first: Reservation, *, account_id: int) -> None:
+    """Land the first request's charge: its debit commits, then its hold goes."""
+    usage_debit(account_id=account_id, request_id="req_first", amount_nanousd=WORST, at=T0)
+    reservation_settle(reservation=first, cost_nanousd=WORST, at=T0)
+
+
+def test_balance_computed_before_a_charge_is_computed_again_redis(store, owner, monkeypatch):
+    """A balance computed just before a charge lands is not paired with its freed hold."""
+    if not isinstance(store, limits.RedisLimits):
+        pytest.skip("the local store reads the balance under its lock")
     credit_grant(account=owner.account, amount_nanousd=2 * WORST, reason="test")
     identity = limited_key(owner)
     first = attempt(identity, at=T0, body=CAPPED)
     assert isinstance(first, Reservation)
-    # The first request cost its whole worst case, so only one more WORST fits now.
-    charged_balance = WORST
-    reads: list[int] = []
+    generation = balance_generation(account_id=owner.account.pk)
+    fills: list[tuple[int, int]] = []
+    fill = limits.balance_cache_fill
 
-    def balance_with_settlement_in_between(*, account_id: int) -> int:
-        reads.append(account_id)
-        if len(reads) == 1:
-            # The cached balance is read before the charge lands; then the charge
-            # settles and frees the hold before the admission step runs.
-            reservation_settle(reservation=first, cost_nanousd=WORST, at=T0)
-            return 2 * WORST
-        return charged_balance
+    def fill_then_charge(*, account_id: int, generation: int) -> int:
+        balance = fill(account_id=account_id, generation=generation)
+        fills.append((generation, balance))
+        if len(fills) == 1:
+            charged_and_settled(first, account_id=account_id)
+        return balance
 
-    monkeypatch.setattr(limits, "account_balance_cached", balance_with_settlement_in_between)
+    monkeypatch.setattr(limits, "balance_cache_fill", fill_then_charge)
+    # Retire the cached balance, so the next request computes it.
+    cache.incr(BALANCE_GENERATION_KEY.format(account_id=owner.account.pk))
     double = {**CAPPED, "max_tokens": 100, "n": 2}
     # Two choices need 258 * 1300 + 200 * 4050 = WORST + 405_000: more than is left.
     rejected = attempt(identity, at=T0, body=double)
 
     assert isinstance(rejected, GatewayError)
     assert (rejected.status, rejected.code) == (402, "insufficient_quota")
-    assert reads == [owner.account.pk, owner.account.pk]
+    # The charge moved the generation on, so the computed balance was refused; the retry
+    # read the balance the charge cached under its new generation.
+    assert fills == [(generation + 1, 2 * WORST)]
+    assert balance_generation(account_id=owner.account.pk) == generation + 2
+    assert cache.get(
+        balance_cache_key(account_id=owner.account.pk, generation=generation + 2)
+    ) == (WORST)
+    assert held_nanousd(account_id=owner.account.pk, at=T0) == 0
+
+
+def test_balance_read_blocks_settlement_local(store, owner, monkeypatch):
+    """The local store reads the balance under the lock that dropping a hold takes."""
+    if not isinstance(store, limits.LocalLimits):
+        pytest.skip("the Redis store checks the balance generation instead")
+    credit_grant(account=owner.account, amount_nanousd=2 * WORST, reason="test")
+    identity = limited_key(owner)
+    first = attempt(identity, at=T0, body=CAPPED)
+    assert isinstance(first, Reservation)
+    balance_cached = limits.account_balance_cached
+    charged = threading.Event()
+    settled = threading.Event()
+
+    def charge() -> None:
+        try:
+            usage_debit(account_id=owner.account.pk, request_id="req_first", amount_nanousd=WORST)
+            charged.set()
+            reservation_settle(reservation=first, cost_nanousd=WORST, at=T0)
+            settled.set()
+        finally:
+            connections.close_all()
+
+    def read_then_charge(*, account_id: int) -> int:
+        balance = balance_cached(account_id=account_id)
+        worker = threading.Thread(target=charge)
+        worker.start()
+        assert charged.wait(10)
+        # The hold cannot go while this read is in progress.
+        assert not settled.wait(0.3)
+        return balance
+
+    monkeypatch.setattr(limits, "account_balance_cached", read_then_charge)
+    double = {**CAPPED, "max_tokens": 100, "n": 2}
+    rejected = attempt(identity, at=T0, body=double)
+
+    assert isinstance(rejected, GatewayError)
+    assert (rejected.status, rejected.code) == (402, "insufficient_quota")
+    assert settled.wait(10)
     assert held_nanousd(account_id=owner.account.pk, at=T0) == 0
 
 

@@ -9,12 +9,13 @@ from django.utils import timezone
 from accounts.models import Account, User
 from credits.models import AuditRecord, CreditLot, LedgerEntry, LedgerTransaction
 from credits.services import (
-    BALANCE_CACHE_KEY,
     CreditsError,
     account_balance,
     account_balance_cached,
     account_freeze,
     account_unfreeze,
+    balance_cache_key,
+    balance_generation,
     credit_grant,
     credit_lot_expire,
     credit_lot_expiry_extend,
@@ -262,8 +263,10 @@ def test_extension_moves_expiry_without_ledger_write(
     usage_debit(account_id=owner.account.pk, request_id="req_1", amount_nanousd=250, at=now)
     CreditLot.objects.filter(pk=lot.pk).update(expiry_reminder_sent_at=now)
     assert account_balance_cached(account_id=owner.account.pk) == 3 * USD - 250
-    cache_key = BALANCE_CACHE_KEY.format(account_id=owner.account.pk)
-    assert cache.get(cache_key) is not None
+    generation = balance_generation(account_id=owner.account.pk)
+    assert cache.get(balance_cache_key(account_id=owner.account.pk, generation=generation)) == (
+        3 * USD - 250
+    )
     transactions = LedgerTransaction.objects.count()
     new_expiry = now + timedelta(days=95)
 
@@ -278,7 +281,12 @@ def test_extension_moves_expiry_without_ledger_write(
     # The reminder re-arms for the new expiry date.
     assert lot.expiry_reminder_sent_at is None
     assert LedgerTransaction.objects.count() == transactions
-    assert cache.get(cache_key) is None
+    # The extension retires the cached balance, which expired with the old date.
+    assert balance_generation(account_id=owner.account.pk) == generation + 1
+    assert (
+        cache.get(balance_cache_key(account_id=owner.account.pk, generation=generation + 1))
+        is None
+    )
     assert audit_fields(record) == {
         "account": owner.account.pk,
         "action": "lot_expiry_extend",

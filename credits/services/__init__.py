@@ -18,11 +18,15 @@ from credits.services.checkout import (
 )
 from credits.services.ledger import (
     BALANCE_CACHE_KEY,
+    BALANCE_GENERATION_KEY,
     Balance,
     CreditsError,
     Debit,
     account_balance,
     account_balance_cached,
+    balance_cache_fill,
+    balance_cache_key,
+    balance_generation,
     credit_grant,
     credit_lot_expire,
     credit_lots_due_for_expiry,
@@ -52,12 +56,16 @@ from credits.services.staff import (
 
 __all__ = [
     "BALANCE_CACHE_KEY",
+    "BALANCE_GENERATION_KEY",
     "LOCAL_WEBHOOK_ENDPOINT_ID",
     "Balance",
     "CreditsError",
     "Debit",
     "account_balance",
     "account_balance_cached",
+    "balance_cache_fill",
+    "balance_cache_key",
+    "balance_generation",
     "account_freeze",
     "account_low_balance_check",
     "account_low_balance_threshold_set",

@@ -7,9 +7,13 @@ nothing. The other service modules build on `locked_account`, `transaction_recor
 """
 
 import logging
+import secrets
+import threading
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import redis
 from dateutil.relativedelta import relativedelta
 from django.conf import settings
 from django.core.cache import cache
@@ -24,9 +28,12 @@ from credits.money import format_usd_short, nanousd_from_cents
 
 logger = logging.getLogger(__name__)
 
-BALANCE_CACHE_KEY = "credits:balance:{account_id}"
+BALANCE_CACHE_KEY = "credits:balance:{account_id}:g{generation}"
 # Every ledger write bumps it, so a balance cached under an older generation is never served.
 BALANCE_GENERATION_KEY = "credits:balance-generation:{account_id}"
+# A balance a committing write will cache under the next generation, with its token.
+BALANCE_PENDING_KEY = "credits:balance-pending:{account_id}"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class CreditsError(Exception):
@@ -77,42 +84,160 @@ def account_balance(*, account_id: int, at: datetime | None = None) -> Balance:
     )
 
 
-def account_balance_cached(*, account_id: int) -> int:
-    """Return the balance in nano-dollars, from the cache while no lot has expired since.
+def balance_cache_key(*, account_id: int, generation: int | str) -> str:
+    return BALANCE_CACHE_KEY.format(account_id=account_id, generation=generation)
 
-    The generation is read before the database: a balance computed just before a ledger
-    write commits is cached under the generation that write then bumps, so it is never
-    served, although it lands in the cache after the write's eviction.
+
+def balance_generation(*, account_id: int) -> int:
+    return cache.get(BALANCE_GENERATION_KEY.format(account_id=account_id), 0)
+
+
+def balance_cache_fill(*, account_id: int, generation: int, at: datetime | None = None) -> int:
+    """Compute the balance and cache it under `generation`, read before this call.
+
+    A balance computed just before a ledger write commits lands under the generation that
+    write then bumps, so it is never served. The entry expires before the next lot does,
+    when the balance drops without a ledger write.
     """
-    key = BALANCE_CACHE_KEY.format(account_id=account_id)
-    generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
-    now = timezone.now()
-    found = cache.get_many([key, generation_key])
-    generation = found.get(generation_key, 0)
-    cached = found.get(key)
-    if cached is not None:
-        balance_nanousd, valid_until, cached_generation = cached
-        if cached_generation == generation and (valid_until is None or now < valid_until):
-            return balance_nanousd
-    balance = account_balance(account_id=account_id, at=now)
-    cache.set(
-        key,
-        (balance.balance_nanousd, balance.next_expiry_at, generation),
-        timeout=settings.GATEWAY_AUTH_CACHE_SECONDS,
-    )
+    at = at or timezone.now()
+    balance = account_balance(account_id=account_id, at=at)
+    timeout = settings.GATEWAY_AUTH_CACHE_SECONDS
+    if balance.next_expiry_at is not None:
+        # Whole seconds, rounded down: the cache stores no fractions.
+        timeout = min(timeout, int((balance.next_expiry_at - at).total_seconds()))
+    if timeout > 0:
+        cache.set(
+            balance_cache_key(account_id=account_id, generation=generation),
+            balance.balance_nanousd,
+            timeout=timeout,
+        )
     return balance.balance_nanousd
 
 
+def account_balance_cached(*, account_id: int) -> int:
+    """Return the balance in nano-dollars, from the cache while no ledger write or expiry
+    has changed it.
+
+    Entries are plain integers, so the gateway's admission script in Redis reads them too.
+    """
+    generation = balance_generation(account_id=account_id)
+    cached = cache.get(balance_cache_key(account_id=account_id, generation=generation))
+    if cached is not None:
+        return cached
+    return balance_cache_fill(account_id=account_id, generation=generation)
+
+
+# Keys: 1 generation, 2 pending publication. ARGV: 1 the publication's token, 2 balance,
+# 3 expiry (epoch ms), 4 cache key of the balance without the generation.
+PUBLISH_SCRIPT = """
+local generation = redis.call('INCR', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', ARGV[4] .. generation, ARGV[2], 'PXAT', ARGV[3])
+end
+return generation
+"""
+_publish_lock = threading.Lock()
+_redis_clients: dict[str, redis.Redis] = {}
+
+
+def _cache_redis() -> redis.Redis | None:
+    """Return a client of the cache's Redis database, or None when the cache is not Redis."""
+    cache_settings = settings.CACHES["default"]
+    if "redis" not in cache_settings["BACKEND"].lower():
+        return None
+    location = cache_settings["LOCATION"]
+    url = location[0] if isinstance(location, list | tuple) else location.split(",")[0]
+    with _publish_lock:
+        client = _redis_clients.get(url)
+        if client is None:
+            client = _redis_clients[url] = redis.Redis.from_url(url)
+    return client
+
+
 def balance_cache_evict_on_commit(account_id: int) -> None:
-    key = BALANCE_CACHE_KEY.format(account_id=account_id)
+    """Retire the account's cached balance once the current transaction commits.
+
+    Call it with the account row locked. It also cancels a publication still pending from
+    an earlier write (`balance_cache_publish_on_commit`), whose balance lacks this one.
+    """
     generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
+    cache.delete(BALANCE_PENDING_KEY.format(account_id=account_id))
 
     def evict() -> None:
         cache.add(generation_key, 0, timeout=None)
+        # Entries under older generations are never read again and expire on their own.
         cache.incr(generation_key)
-        cache.delete(key)
 
     transaction.on_commit(evict)
+
+
+def balance_cache_publish_on_commit(
+    *, account_id: int, balance_nanousd: int, valid_until: datetime | None
+) -> None:
+    """Retire the cached balance once the transaction commits, and cache its successor.
+
+    Call it with the account row locked, after the transaction's last change to the
+    account's lots and debt, with the balance those leave. Readers then go from the old
+    balance straight to the new one, with no cache miss in between, which would send the
+    next gateway request to the database.
+
+    The publication is pending until the commit. A later write takes the account's lock
+    after this one commits and replaces or cancels it, so a publication that runs late,
+    after a later write's, only retires the cached balance.
+    """
+    now_ms = int(time.time() * 1000)
+    expires_ms = now_ms + settings.GATEWAY_AUTH_CACHE_SECONDS * 1000
+    if valid_until is not None:
+        expires_ms = min(expires_ms, (valid_until - EPOCH) // timedelta(milliseconds=1))
+    if expires_ms <= now_ms:
+        # A lot expires now: the balance is computed again when it is next read.
+        balance_cache_evict_on_commit(account_id)
+        return
+    token = secrets.token_hex(8)
+    pending_key = BALANCE_PENDING_KEY.format(account_id=account_id)
+    client = _cache_redis()
+    if client is None:
+        _publish_local(account_id, token, balance_nanousd, expires_ms)
+        return
+    pending = cache.make_key(pending_key)
+    # Outlives the transaction, whose commit reads it.
+    client.set(pending, token, px=settings.GATEWAY_AUTH_CACHE_SECONDS * 1000)
+
+    def publish() -> None:
+        client.eval(
+            PUBLISH_SCRIPT,
+            2,
+            cache.make_key(BALANCE_GENERATION_KEY.format(account_id=account_id)),
+            pending,
+            token,
+            balance_nanousd,
+            expires_ms,
+            cache.make_key(balance_cache_key(account_id=account_id, generation="")),
+        )
+
+    transaction.on_commit(publish)
+
+
+def _publish_local(account_id: int, token: str, balance_nanousd: int, expires_ms: int) -> None:
+    """`balance_cache_publish_on_commit` on a cache that is not Redis (one process)."""
+    pending_key = BALANCE_PENDING_KEY.format(account_id=account_id)
+    generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
+    cache.set(pending_key, token, timeout=None)
+
+    def publish() -> None:
+        with _publish_lock:
+            cache.add(generation_key, 0, timeout=None)
+            generation = cache.incr(generation_key)
+            if cache.get(pending_key) != token:
+                return
+            cache.delete(pending_key)
+            timeout = (expires_ms - int(time.time() * 1000)) // 1000
+            if timeout > 0:
+                key = balance_cache_key(account_id=account_id, generation=generation)
+                cache.set(key, balance_nanousd, timeout=timeout)
+
+    transaction.on_commit(publish)
 
 
 def locked_account(account_id: int) -> Account:
@@ -397,8 +522,16 @@ def usage_debits_apply(*, account_id: int, charges: list[UsageCharge]) -> list[D
     CreditLot.objects.bulk_update(list(touched.values()), ["remaining_nanousd"])
     if account.debt_nanousd != debt_before:
         account.save(update_fields=["debt_nanousd"])
-    balance_cache_evict_on_commit(account.pk)
     last_balance = pending[-1][0].balance_after_nanousd
+    last_at = pending[-1][0].created_at
+    balance_cache_publish_on_commit(
+        account_id=account.pk,
+        balance_nanousd=last_balance,
+        valid_until=min(
+            (lot.expires_at for lot in lots if lot.remaining_nanousd and last_at < lot.expires_at),
+            default=None,
+        ),
+    )
     low_balance_check_queue(account=account, balance_nanousd=last_balance)
 
     created = {id(item) for item, _entries in pending}
