@@ -51,7 +51,7 @@ class MeteringProcess:
         self._connection, child_connection = context.Pipe()
         self._process = context.Process(
             target=metering_process.main,
-            args=(child_connection,),
+            args=(child_connection, settings.GATEWAY_METERING_NICENESS),
             name="gateway-metering",
             daemon=True,
         )
@@ -70,6 +70,10 @@ class MeteringProcess:
 
     def alive(self) -> bool:
         return self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def stop(self) -> None:
         with self._lock:

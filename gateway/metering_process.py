@@ -21,8 +21,13 @@ from gateway.settlement import usage_settle_batch  # noqa: E402  (needs the app 
 logger = logging.getLogger(__name__)
 
 
-def main(connection) -> None:
-    """Record and charge batches sent over `connection` until a None arrives."""
+def main(connection, niceness: int = 0) -> None:
+    """Record and charge batches sent over `connection` until a None arrives.
+
+    `niceness` lowers the process's CPU priority, so on a busy machine request handling
+    goes first; charges then land a little later, and holds cover them until they do.
+    """
+    os.nice(niceness)
     while True:
         settlements = connection.recv()
         if settlements is None:

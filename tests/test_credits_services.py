@@ -1,6 +1,7 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.core.cache import cache
 from django.utils import timezone
 
 from accounts.models import Account
@@ -9,6 +10,8 @@ from credits.services import (
     CreditsError,
     account_balance,
     account_balance_cached,
+    balance_cache_key,
+    balance_generation,
     credit_grant,
     credit_lot_expire,
     credit_lots_expire_due,
@@ -201,6 +204,39 @@ def test_cached_balance_is_evicted_on_debit(funded, django_capture_on_commit_cal
     with django_capture_on_commit_callbacks(execute=True):
         usage_debit(account_id=funded.account.pk, request_id="req_cache", amount_nanousd=1234)
     assert account_balance_cached(account_id=funded.account.pk) == 10 * USD - 1234
+
+
+def test_usage_debit_caches_the_new_balance_on_commit(funded, django_capture_on_commit_callbacks):
+    account_id = funded.account.pk
+    with django_capture_on_commit_callbacks(execute=True):
+        usage_debit(account_id=account_id, request_id="req_cache", amount_nanousd=1234)
+
+    generation = balance_generation(account_id=account_id)
+    # Cached by the debit itself, so the next read finds it without a query.
+    assert cache.get(balance_cache_key(account_id=account_id, generation=generation)) == (
+        10 * USD - 1234
+    )
+
+
+def test_late_balance_publication_only_retires_the_cache(
+    funded, django_capture_on_commit_callbacks
+):
+    account_id = funded.account.pk
+    with django_capture_on_commit_callbacks(execute=False) as late:
+        usage_debit(account_id=account_id, request_id="req_late", amount_nanousd=1234)
+    # A later write, which took the account's lock after the debit committed, publishes
+    # first.
+    with django_capture_on_commit_callbacks(execute=True):
+        credit_grant(account=funded.account, amount_nanousd=5 * USD, reason="later")
+    generation = balance_generation(account_id=account_id)
+
+    for callback in late:
+        callback()
+
+    # The debit's balance lacks the grant: the generation moves on, and nothing is cached.
+    assert balance_generation(account_id=account_id) == generation + 1
+    assert cache.get(balance_cache_key(account_id=account_id, generation=generation + 1)) is None
+    assert account_balance_cached(account_id=account_id) == 15 * USD - 1234
 
 
 def test_ledger_check_reports_tampering(funded):

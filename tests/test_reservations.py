@@ -26,7 +26,7 @@ from credits.services import (
     credit_grant,
     usage_debit,
 )
-from gateway import limits
+from gateway import limits, proxy
 from gateway.errors import GatewayError
 from gateway.limits import (
     Reservation,
@@ -452,3 +452,26 @@ def test_concurrent_gateway_requests_no_overshoot(store, gateway, owner):
         5 * MESSAGE_WORST - 5 * MESSAGE_COST
     )
     assert held_nanousd(account_id=owner.account.pk) == 0
+
+
+def test_repeat_requests_are_admitted_without_a_worker_thread(store, gateway, funded, monkeypatch):
+    if not isinstance(store, limits.RedisLimits):
+        pytest.skip("admission without a worker thread needs Redis")
+    threaded: list[str] = []
+    request_admit = proxy.request_admit
+
+    def counted(**kwargs):
+        threaded.append(kwargs["raw_key"])
+        return request_admit(**kwargs)
+
+    monkeypatch.setattr(proxy, "request_admit", counted)
+    responses = [post(CHAT, CHAT_BODY, key=funded.key.raw_key) for _ in range(3)]
+
+    assert [response.status_code for response in responses] == [200, 200, 200]
+    # Only the first request, whose key this process had not seen, went to a thread.
+    assert threaded == [funded.key.raw_key]
+    assert usage_charges() == [(response["x-request-id"], -CHAT_COST) for response in responses]
+    assert account_balance(account_id=funded.account.pk).balance_nanousd == (
+        TEN_USD - 3 * CHAT_COST
+    )
+    assert held_nanousd(account_id=funded.account.pk) == 0

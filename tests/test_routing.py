@@ -4,23 +4,33 @@ Prices from the seeded table, in nano-dollars per token: gpt-4o-mini input 150, 
 600; claude-haiku-4-5 input 1000, output 5000. The fee is 50 per token.
 """
 
+import asyncio
 import socket
 from datetime import timedelta
 
 import pytest
+from django.core.cache import cache
 from django.utils import timezone
 
-from credits.services import account_balance, credit_grant
+from credits.services import BALANCE_GENERATION_KEY, account_balance, credit_grant
 from gateway.errors import ANTHROPIC, OPENAI, GatewayError
+from gateway.limits import held_nanousd
 from gateway.models import ModelPrice, UsageRecord
 from gateway.pricing import Price, TokenUsage
-from gateway.providers import custom_provider_create, provider_credential_set
+from gateway.providers import (
+    custom_provider_create,
+    provider_config_version_key,
+    provider_credential_set,
+    version_token_new,
+)
 from gateway.routing import (
+    PRICE_CATALOG_VERSION_KEY,
     Admission,
     Route,
     models_for_key,
     price_catalog_evict_on_commit,
     request_admit,
+    request_admit_cached,
     routes_resolve,
 )
 from gateway.services import Attempt, access_key_authenticate, access_key_create, usage_record
@@ -565,3 +575,87 @@ def test_provider_changes_reach_the_gateway_at_once(funded, model_prices, commit
         model_names=["llama-3.3-70b"],
     )
     assert admit(funded, {**CHAT, "model": "llama-3.3-70b"}).route.provider == "groq"
+
+
+# Admission from this process's memory
+
+
+def admit_cached(tenant, body: dict, surface: str = OPENAI) -> Admission | None:
+    return asyncio.run(
+        request_admit_cached(raw_key=tenant.key.raw_key, body=body, surface=surface)
+    )
+
+
+CAPPED_CHAT = {**CHAT, "max_tokens": 10}
+# 258 estimated input tokens at 150 + 50, and 10 output tokens at 600 + 50.
+CAPPED_CHAT_WORST = 258 * 200 + 10 * 650
+
+
+def test_cached_admission_matches_the_worker_thread(funded, model_prices):
+    first = admit(funded, CAPPED_CHAT)
+    held = held_nanousd(account_id=funded.account.pk)
+    assert held == CAPPED_CHAT_WORST
+
+    cached = admit_cached(funded, CAPPED_CHAT)
+
+    assert cached is not None
+    assert cached.routes == first.routes
+    assert cached.reservation.hold_nanousd == CAPPED_CHAT_WORST
+    assert cached.reservation.reservation_id != first.reservation.reservation_id
+    assert held_nanousd(account_id=funded.account.pk) == 2 * CAPPED_CHAT_WORST
+
+
+def test_cached_admission_needs_the_key_in_memory(funded, model_prices):
+    assert admit_cached(funded, CAPPED_CHAT) is None
+    assert held_nanousd(account_id=funded.account.pk) == 0
+
+
+def test_cached_admission_declines_after_another_process_changes_providers(
+    funded, model_prices, committed
+):
+    admit(funded, CAPPED_CHAT)
+    # Another process saved a provider: only the shared token changes, not this memory.
+    cache.set(provider_config_version_key(funded.account.pk), version_token_new(), timeout=None)
+
+    assert admit_cached(funded, CAPPED_CHAT) is None
+    # Nothing was held for the declined attempt.
+    assert held_nanousd(account_id=funded.account.pk) == CAPPED_CHAT_WORST
+    # The worker thread reads the new token and admits.
+    assert admit(funded, CAPPED_CHAT).reservation.hold_nanousd == CAPPED_CHAT_WORST
+
+
+def test_cached_admission_declines_after_a_price_change(funded, model_prices):
+    admit(funded, CAPPED_CHAT)
+    cache.set(PRICE_CATALOG_VERSION_KEY, version_token_new(), timeout=None)
+
+    assert admit_cached(funded, CAPPED_CHAT) is None
+    assert held_nanousd(account_id=funded.account.pk) == CAPPED_CHAT_WORST
+
+
+def test_cached_admission_declines_when_the_balance_is_not_cached(funded, model_prices):
+    admit(funded, CAPPED_CHAT)
+    # A ledger write in another process moved the generation on.
+    generation_key = BALANCE_GENERATION_KEY.format(account_id=funded.account.pk)
+    cache.set(generation_key, cache.get(generation_key, 0) + 1, timeout=None)
+
+    assert admit_cached(funded, CAPPED_CHAT) is None
+    assert held_nanousd(account_id=funded.account.pk) == CAPPED_CHAT_WORST
+
+
+def test_cached_admission_leaves_custom_providers_to_the_worker_thread(funded, model_prices, groq):
+    body = {**CAPPED_CHAT, "model": "groq:llama-3.3-70b"}
+    assert admit(funded, body).route.key_source == UsageRecord.KeySource.CUSTOM
+
+    assert admit_cached(funded, body) is None
+
+
+def test_cached_admission_refuses_an_empty_balance_as_the_thread_does(owner, model_prices):
+    with pytest.raises(GatewayError) as from_thread:
+        admit(owner, CAPPED_CHAT)
+
+    with pytest.raises(GatewayError) as cached:
+        admit_cached(owner, CAPPED_CHAT)
+
+    assert (cached.value.status, cached.value.code) == (402, "insufficient_quota")
+    assert cached.value.message == from_thread.value.message
+    assert cached.value.message.startswith("Out of credit: the balance is USD 0.00.")

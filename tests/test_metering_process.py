@@ -1,0 +1,22 @@
+"""The metering process: a child of the server that writes charges."""
+
+import os
+import time
+
+from gateway.metering import MeteringProcess
+
+
+def test_metering_process_runs_at_the_configured_niceness(settings):
+    settings.GATEWAY_METERING_NICENESS = 7
+    expected = os.getpriority(os.PRIO_PROCESS, 0) + 7
+    process = MeteringProcess()
+    try:
+        deadline = time.monotonic() + 60
+        # The child lowers its own priority once it has started.
+        while os.getpriority(os.PRIO_PROCESS, process.pid) != expected:
+            assert process.alive()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.stop()
+    assert not process.alive()
