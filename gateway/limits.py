@@ -855,9 +855,9 @@ async def reservation_hold_cached(
     """Run `reservation_hold`'s step in one round trip to Redis, on the event loop.
 
     `versions` are the tokens the routes were resolved under. Returns None, having held
-    nothing, when the step needs more than the caches hold (a balance to compute, a spend
-    counter to rebuild, a changed token) or when there is no Redis; `reservation_hold`
-    then decides in a worker thread.
+    nothing, when there is no Redis or the step needs more than the caches have: a
+    balance to compute, a spend counter to rebuild, or a token that changed. The caller
+    then runs `reservation_hold` in a worker thread.
     """
     store = limits_store()
     if not isinstance(store, RedisLimits):

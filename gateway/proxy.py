@@ -2,12 +2,11 @@
 
 A request is admitted (key, limits, balance, routes) on the event loop with one round trip
 to Redis when this process has the key and the account's configuration in memory, else
-in a worker thread. It is forwarded
-with one pooled HTTP session per event loop, passed back unbuffered, and metered in
-batches once its usage is known (gateway.metering). A whole response is charged just
-after it is sent. A stream is forwarded event by event and charged before its terminal
-event (`data: [DONE]` or `message_stop`) goes out, so a client that has read the whole
-stream can already read its charge.
+in a worker thread. It is forwarded with one pooled HTTP session per event loop, passed
+back unbuffered, and metered in batches once its usage is known (gateway.metering). A
+whole response is charged just after it is sent. A stream is forwarded event by event
+and charged before its terminal event (`data: [DONE]` or `message_stop`) goes out, so a
+client that has read the whole stream can already read its charge.
 """
 
 import asyncio

@@ -1,9 +1,10 @@
 """Admission of a gateway request: key, account state, model routes and balance.
 
-Everything here is synchronous and runs in one worker thread per request, so a request
-costs one thread hop before it is forwarded. In the common case admission reads only the
-shared cache (the key, two version tokens, the balance) and this process's memory (the
-price table and the account's provider configuration), never the database.
+In the common case (`request_admit_cached`) the key, the account's provider
+configuration and the price table are in this process's memory, and one Redis script
+checks their version tokens, the balance and the key's limits on the event loop. Otherwise
+`request_admit` runs in a worker thread, reads what is missing from the shared cache or
+the database, and runs the same script.
 
 Models are named `provider:model` or by a bare name. A bare name is looked up in the
 price table first, then in the model lists of the account's custom providers.
@@ -493,8 +494,8 @@ async def request_admit_cached(*, raw_key: str, body: dict, surface: str) -> Adm
     """Admit a request from this process's memory and one round trip to Redis.
 
     The key's identity, the account's provider configuration and the price table must be
-    in this process's memory; the admission step then checks, atomically with the
-    balance and the limits, that the configuration and prices have not changed since.
+    in this process's memory. The admission step checks that the configuration and
+    prices have not changed since, in the same atomic step as the balance and limits.
     Returns None whenever it cannot decide alone (anything missing from memory, a custom
     provider, whose host is checked in DNS, an error, a changed token), having held
     nothing; `request_admit` then decides in a worker thread.

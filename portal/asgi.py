@@ -27,9 +27,9 @@ from gateway.proxy import background_tasks_drain  # noqa: E402
 
 GATEWAY_PREFIX = "/v1/"
 
-# Metering and admission run in worker threads. With CPython's default switch interval
-# (5 ms) a thread busy writing a metering batch can keep the event loop from the GIL for
-# that long, which showed as a p99 latency tail in bench/gateway.py.
+# Metering, and the admission of keys not yet in this process's memory, run in worker
+# threads. With CPython's default switch interval (5 ms) a busy thread can keep the event
+# loop from the GIL for that long, which showed as a p99 latency tail in bench/gateway.py.
 sys.setswitchinterval(0.0005)
 
 # Everything loaded so far lives as long as the process. Freezing it keeps the garbage

@@ -228,7 +228,8 @@ GATEWAY_CONNECT_TIMEOUT_SECONDS = float(os.environ.get("GATEWAY_CONNECT_TIMEOUT_
 # latency path; off, the charge is written before the response leaves.
 GATEWAY_METER_AFTER_RESPONSE = env_bool("GATEWAY_METER_AFTER_RESPONSE", True)
 # Charges are written by a child process of the server (on another core) when the
-# server runs the ASGI lifespan protocol, as uvicorn does. Off, a thread writes them.
+# server runs the ASGI lifespan protocol, as uvicorn does, and REDIS_URL is set. Off, or
+# without Redis, a thread of the server writes them.
 GATEWAY_METERING_PROCESS = env_bool("GATEWAY_METERING_PROCESS", True)
 # The metering process runs at this niceness (0 to 19) so that, when the cores are busy,
 # requests are served first and charges wait: a batch of charges competing for the CPU

@@ -3,7 +3,8 @@
 import os
 import time
 
-from gateway.metering import MeteringProcess
+from gateway import metering
+from gateway.metering import MeteringProcess, metering_process_start, metering_process_stop
 
 
 def test_metering_process_runs_at_the_configured_niceness(settings):
@@ -20,3 +21,15 @@ def test_metering_process_runs_at_the_configured_niceness(settings):
     finally:
         process.stop()
     assert not process.alive()
+
+
+def test_no_metering_process_without_redis(settings):
+    """Without Redis, balances and holds live in the server's memory, out of a child's reach."""
+    settings.REDIS_URL = ""
+    settings.GATEWAY_METERING_PROCESS = True
+
+    metering_process_start()
+    try:
+        assert metering._process is None
+    finally:
+        metering_process_stop()

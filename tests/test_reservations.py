@@ -174,6 +174,15 @@ def test_concurrent_requests_stop_at_rpm(store, funded):
     assert held_nanousd(account_id=funded.account.pk, at=T0) == 0
 
 
+def first_of_two_worst_cases(tenant) -> tuple[KeyIdentity, Reservation]:
+    """Fund the account with two worst cases and admit a request that holds one."""
+    credit_grant(account=tenant.account, amount_nanousd=2 * WORST, reason="test")
+    identity = limited_key(tenant)
+    first = attempt(identity, at=T0, body=CAPPED)
+    assert isinstance(first, Reservation)
+    return identity, first
+
+
 def charged_and_settled(first: Reservation, *, account_id: int) -> None:
     """Land the first request's charge: its debit commits, then its hold goes."""
     usage_debit(account_id=account_id, request_id="req_first", amount_nanousd=WORST, at=T0)
@@ -184,10 +193,7 @@ def test_balance_computed_before_a_charge_is_computed_again_redis(store, owner, 
     """A balance computed just before a charge lands is not paired with its freed hold."""
     if not isinstance(store, limits.RedisLimits):
         pytest.skip("the local store reads the balance under its lock")
-    credit_grant(account=owner.account, amount_nanousd=2 * WORST, reason="test")
-    identity = limited_key(owner)
-    first = attempt(identity, at=T0, body=CAPPED)
-    assert isinstance(first, Reservation)
+    identity, first = first_of_two_worst_cases(owner)
     generation = balance_generation(account_id=owner.account.pk)
     fills: list[tuple[int, int]] = []
     fill = limits.balance_cache_fill
@@ -222,10 +228,7 @@ def test_balance_read_blocks_settlement_local(store, owner, monkeypatch):
     """The local store reads the balance under the lock that dropping a hold takes."""
     if not isinstance(store, limits.LocalLimits):
         pytest.skip("the Redis store checks the balance generation instead")
-    credit_grant(account=owner.account, amount_nanousd=2 * WORST, reason="test")
-    identity = limited_key(owner)
-    first = attempt(identity, at=T0, body=CAPPED)
-    assert isinstance(first, Reservation)
+    identity, first = first_of_two_worst_cases(owner)
     balance_cached = limits.account_balance_cached
     charged = threading.Event()
     settled = threading.Event()
