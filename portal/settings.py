@@ -232,9 +232,9 @@ GATEWAY_METER_AFTER_RESPONSE = env_bool("GATEWAY_METER_AFTER_RESPONSE", True)
 # without Redis, a thread of the server writes them.
 GATEWAY_METERING_PROCESS = env_bool("GATEWAY_METERING_PROCESS", True)
 # The metering process runs at this niceness (0 to 19) so that, when the cores are busy,
-# requests are served first and charges wait: a batch of charges competing for the CPU
-# showed as the p99 latency of bench/gateway.py. Holds keep the credit of requests whose
-# charge is still queued from being spent twice.
+# requests are served first and charges wait. Holds keep the credit of requests whose
+# charge is still queued from being spent twice. docs/benchmarks.md has the figures
+# with and without it.
 GATEWAY_METERING_NICENESS = int(os.environ.get("GATEWAY_METERING_NICENESS", "10"))
 # Metering waits this long to gather a batch before writing it. Charges land that much
 # later, and each batch costs one transaction instead of one per request.
