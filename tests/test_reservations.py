@@ -41,6 +41,9 @@ from gateway.pricing import Price
 from gateway.services import KeyIdentity, access_key_authenticate, access_key_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
+# Fifty threads each hold a database connection: tests in this group run on one worker,
+# so two of them never exceed PostgreSQL's default of 100 connections together.
+MANY_CONNECTIONS = pytest.mark.xdist_group("many_connections")
 
 # USD 1.00 input, 4.00 output, 0.10 cache read and 1.25 cache write per million tokens.
 PRICE = Price(
@@ -70,17 +73,37 @@ MESSAGE_COST = 41_450
 MESSAGE_WORST = 258 * 1300 + 8 * 5050
 
 
-@pytest.fixture(params=["redis", "local"])
-def store(request, settings):
-    """The limits store of one backend, empty."""
-    if request.param == "local":
+def empty_store(backend: str, settings):
+    """Select the limits store of `backend` and empty it."""
+    if backend == "local":
         settings.REDIS_URL = ""
     elif not settings.REDIS_URL:
         pytest.skip("REDIS_URL is not set")
     selected = limits_store()
-    expected = limits.RedisLimits if request.param == "redis" else limits.LocalLimits
+    expected = limits.RedisLimits if backend == "redis" else limits.LocalLimits
     assert isinstance(selected, expected)
     selected.clear()
+    return selected
+
+
+@pytest.fixture(params=["redis", "local"])
+def store(request, settings):
+    """The limits store of one backend, empty."""
+    selected = empty_store(request.param, settings)
+    yield selected
+    selected.clear()
+
+
+@pytest.fixture
+def redis_store(settings):
+    selected = empty_store("redis", settings)
+    yield selected
+    selected.clear()
+
+
+@pytest.fixture
+def local_store(settings):
+    selected = empty_store("local", settings)
     yield selected
     selected.clear()
 
@@ -134,6 +157,7 @@ def admitted_and_rejected(outcomes: list) -> tuple[list[Reservation], list[Gatew
 # Concurrency
 
 
+@MANY_CONNECTIONS
 def test_concurrent_holds_stop_at_balance(store, owner):
     credit_grant(account=owner.account, amount_nanousd=10 * WORST, reason="test")
     identity = limited_key(owner)
@@ -147,6 +171,7 @@ def test_concurrent_holds_stop_at_balance(store, owner):
     assert account_balance(account_id=owner.account.pk).balance_nanousd == 10 * WORST
 
 
+@MANY_CONNECTIONS
 def test_concurrent_holds_stop_at_spend_limit(store, funded):
     identity = limited_key(funded, spend_limit_nanousd=10 * WORST, spend_limit_period="daily")
 
@@ -160,6 +185,7 @@ def test_concurrent_holds_stop_at_spend_limit(store, funded):
     )
 
 
+@MANY_CONNECTIONS
 def test_concurrent_requests_stop_at_rpm(store, funded):
     identity = limited_key(funded, requests_per_minute=10)
 
@@ -189,10 +215,8 @@ def charged_and_settled(first: Reservation, *, account_id: int) -> None:
     reservation_settle(reservation=first, cost_nanousd=WORST, at=T0)
 
 
-def test_balance_computed_before_a_charge_is_computed_again_redis(store, owner, monkeypatch):
+def test_balance_computed_before_a_charge_is_computed_again(redis_store, owner, monkeypatch):
     """A balance computed just before a charge lands is not paired with its freed hold."""
-    if not isinstance(store, limits.RedisLimits):
-        pytest.skip("the local store reads the balance under its lock")
     identity, first = first_of_two_worst_cases(owner)
     generation = balance_generation(account_id=owner.account.pk)
     fills: list[tuple[int, int]] = []
@@ -224,10 +248,8 @@ def test_balance_computed_before_a_charge_is_computed_again_redis(store, owner, 
     assert held_nanousd(account_id=owner.account.pk, at=T0) == 0
 
 
-def test_balance_read_blocks_settlement_local(store, owner, monkeypatch):
+def test_balance_read_blocks_settlement_local(local_store, owner, monkeypatch):
     """The local store reads the balance under the lock that dropping a hold takes."""
-    if not isinstance(store, limits.LocalLimits):
-        pytest.skip("the Redis store checks the balance generation instead")
     identity, first = first_of_two_worst_cases(owner)
     balance_cached = limits.account_balance_cached
     charged = threading.Event()
@@ -457,9 +479,9 @@ def test_concurrent_gateway_requests_no_overshoot(store, gateway, owner):
     assert held_nanousd(account_id=owner.account.pk) == 0
 
 
-def test_repeat_requests_are_admitted_without_a_worker_thread(store, gateway, funded, monkeypatch):
-    if not isinstance(store, limits.RedisLimits):
-        pytest.skip("admission without a worker thread needs Redis")
+def test_repeat_requests_are_admitted_without_a_worker_thread(
+    redis_store, gateway, funded, monkeypatch
+):
     threaded: list[str] = []
     request_admit = proxy.request_admit
 
