@@ -185,18 +185,27 @@ class KeyIdentity:
 _local_identities: dict[str, tuple["KeyIdentity", float]] = {}
 
 
+def _unexpired(identity: KeyIdentity) -> KeyIdentity | None:
+    if identity.expires_at is not None and timezone.now() >= identity.expires_at:
+        return None
+    return identity
+
+
+def _identity_local(key_hash: str) -> KeyIdentity | None:
+    """Return the identity this process keeps for the key hash, if it has not lapsed."""
+    local = _local_identities.get(key_hash)
+    if local is None or time.monotonic() >= local[1]:
+        return None
+    return local[0]
+
+
 def access_key_identity_local(*, raw_key: str) -> KeyIdentity | None:
     """Return a usable key's identity from this process's memory, or None when it is not
     there (or the key has expired): `access_key_authenticate` then decides."""
     if not raw_key.startswith(KEY_PREFIX):
         return None
-    local = _local_identities.get(access_key_hash(raw_key))
-    if local is None or time.monotonic() >= local[1]:
-        return None
-    identity = local[0]
-    if identity.expires_at is not None and timezone.now() >= identity.expires_at:
-        return None
-    return identity
+    identity = _identity_local(access_key_hash(raw_key))
+    return None if identity is None else _unexpired(identity)
 
 
 def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
@@ -204,13 +213,9 @@ def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
     if not raw_key.startswith(KEY_PREFIX):
         return None
     key_hash = access_key_hash(raw_key)
-    local = _local_identities.get(key_hash)
-    if local is not None and time.monotonic() < local[1]:
-        identity: KeyIdentity | None = local[0]
-        assert identity is not None
-        if identity.expires_at is not None and timezone.now() >= identity.expires_at:
-            return None
-        return identity
+    identity = _identity_local(key_hash)
+    if identity is not None:
+        return _unexpired(identity)
     cache_key = ACCESS_KEY_CACHE_KEY.format(key_hash=key_hash)
     cached = cache.get(cache_key)
     if cached is not None:
@@ -240,9 +245,7 @@ def access_key_authenticate(*, raw_key: str) -> KeyIdentity | None:
     _local_identities[key_hash] = (identity, time.monotonic() + LOCAL_IDENTITY_SECONDS)
     if len(_local_identities) > LOCAL_IDENTITY_MAX:
         _local_identities.clear()
-    if identity.expires_at is not None and timezone.now() >= identity.expires_at:
-        return None
-    return identity
+    return _unexpired(identity)
 
 
 def access_key_touch(*, key_id: int, at: datetime) -> None:
