@@ -41,15 +41,23 @@ def demo_environment() -> dict[str, str]:
     return env
 
 
+class SetupError(Exception):
+    """A manage.py command failed while setting up; the message has its output."""
+
+
 def manage(env: dict[str, str], *args: str) -> str:
     result = subprocess.run(
         [PYTHON, "manage.py", *args],
         cwd=ROOT,
         env=env,
-        check=True,
         capture_output=True,
         text=True,
     )
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip()
+        raise SetupError(
+            f"manage.py {args[0]} failed with exit code {result.returncode}:\n{output[-3000:]}"
+        )
     return result.stdout.strip()
 
 
@@ -68,13 +76,18 @@ def main() -> int:
     os.chdir(ROOT)
 
     # 1. Database, static files, webhook endpoint and demo data.
-    manage(env, "migrate", "--no-input")
-    manage(env, "collectstatic", "--no-input")
-    if env.get("STRIPE_WEBHOOK_SECRET"):
-        webhook_url = manage(env, "configure_stripe_webhook")
-    else:
-        webhook_url = "(set STRIPE_WEBHOOK_SECRET and run manage.py configure_stripe_webhook)"
-    demo_key = manage(env, "seed_demo")
+    try:
+        print("Migrating the database (the first run takes a minute or two)...", flush=True)
+        manage(env, "migrate", "--no-input")
+        manage(env, "collectstatic", "--no-input")
+        if env.get("STRIPE_WEBHOOK_SECRET"):
+            webhook_url = manage(env, "configure_stripe_webhook")
+        else:
+            webhook_url = "(set STRIPE_WEBHOOK_SECRET and run manage.py configure_stripe_webhook)"
+        demo_key = manage(env, "seed_demo")
+    except SetupError as error:
+        print(error, file=sys.stderr)
+        return 1
 
     # 2. Processes.
     commands: list[list[str]] = []

@@ -937,7 +937,8 @@ def _spend_limit_error(
     parts = [f"USD {format_usd_short(outcome.spent_nanousd)} spent"]
     if outcome.key_held_nanousd:
         parts.append(
-            f"USD {format_usd_short(outcome.key_held_nanousd)} held for requests in flight"
+            f"USD {format_usd_short(outcome.key_held_nanousd)} held for requests in flight "
+            "or not yet charged"
         )
     message = (
         f"This access key has reached its {PERIOD_NAMES[period.kind]} spend limit of "
@@ -968,14 +969,17 @@ def _balance_error(outcome: Outcome, *, hold: int) -> GatewayError:
     balance = outcome.balance_nanousd
     message = f"Not enough credit: the balance is USD {format_usd_short(balance)}"
     if held:
-        message += f", of which USD {format_usd_short(held)} is held for requests in flight"
+        message += (
+            f", of which USD {format_usd_short(held)} is held for requests in flight "
+            "or not yet charged"
+        )
     if hold:
         message += (
             f", and this request may cost up to USD {format_usd_short(hold)} "
             "(its input estimate and max_tokens at the model's prices); lower max_tokens"
         )
     else:
-        message += "; retry when they finish"
+        message += "; retry when they are charged"
     message += (
         f" or buy credits at {settings.PUBLIC_URL}/credits/ or with "
         "POST /api/credits/checkout-session."

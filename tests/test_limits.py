@@ -325,8 +325,8 @@ def test_spend_limit_counts_inflight_holds(store, funded):
         "insufficient_quota",
         "spend_limit_exceeded",
         "This access key has reached its monthly spend limit of USD 0.001480799: USD 0.00 "
-        "spent, USD 0.0007404 held for requests in flight, and this request may cost up to "
-        "USD 0.0007404. It resets at 2025-04-01T00:00:00Z.",
+        "spent, USD 0.0007404 held for requests in flight or not yet charged, and this "
+        "request may cost up to USD 0.0007404. It resets at 2025-04-01T00:00:00Z.",
         {},
     )
 
@@ -427,7 +427,8 @@ def test_held_credit_not_spent_twice(store, owner, settings):
         "insufficient_quota",
         "insufficient_quota",
         "Not enough credit: the balance is USD 0.0014808, of which USD 0.0014808 is held for "
-        "requests in flight, and this request may cost up to USD 0.0007404 (its input "
+        "requests in flight or not yet charged, and this request may cost up to USD 0.0007404 "
+        "(its input "
         "estimate and max_tokens at the model's prices); lower max_tokens or buy credits at "
         f"{settings.PUBLIC_URL}/credits/ or with POST /api/credits/checkout-session.",
         {},
@@ -435,7 +436,7 @@ def test_held_credit_not_spent_twice(store, owner, settings):
     # Without max_tokens nothing is held, but nothing is left either.
     assert attempt(identity, at=T0).message == (
         "Not enough credit: the balance is USD 0.0014808, of which USD 0.0014808 is held for "
-        "requests in flight; retry when they finish or buy credits at "
+        "requests in flight or not yet charged; retry when they are charged or buy credits at "
         f"{settings.PUBLIC_URL}/credits/ or with POST /api/credits/checkout-session."
     )
 
