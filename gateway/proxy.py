@@ -168,6 +168,7 @@ async def _meter(
         latency_ms=int((time.monotonic() - started) * 1000),
         error_type=error_type,
         price=route.price,
+        finished_at=timezone.now(),
     )
     # Settling counts the cost against the key's limits and drops the request's hold.
     await metering_queue().submit(

@@ -282,6 +282,9 @@ class Attempt:
     attempt: int = 1
     error_type: str = ""
     price: Price | None = None
+    # When the attempt ended; its record and charge are dated then, not when the batch
+    # that writes them runs.
+    finished_at: datetime | None = None
 
 
 def usage_record(*, attempt: Attempt, at: datetime | None = None) -> UsageRecord:
@@ -343,7 +346,8 @@ def usage_records_batch(
 
     The gateway meters in batches, so this costs a handful of queries per batch plus
     about eight per account charged, not per attempt. Returns the records in the order
-    of `attempts`; an attempt recorded before returns its existing record.
+    of `attempts`; an attempt recorded before returns its existing record. Records are
+    dated at their attempt's `finished_at`, else at `at` (by default now).
     """
     at = at or timezone.now()
 
@@ -357,7 +361,7 @@ def usage_records_batch(
     for attempt in attempts:
         identity = (attempt.request_id, attempt.attempt)
         if identity not in existing and identity not in new_records:
-            new_records[identity] = _usage_record_new(attempt, at)
+            new_records[identity] = _usage_record_new(attempt, attempt.finished_at or at)
     UsageRecord.objects.bulk_create(list(new_records.values()))
 
     # 2. Charge each account once for all its new records.
@@ -368,7 +372,7 @@ def usage_records_batch(
                 UsageCharge(
                     request_id=record.request_id,
                     amount_nanousd=record.cost_nanousd,
-                    at=at,
+                    at=record.created_at,
                     description=f"{record.provider}:{record.model}",
                 )
             )

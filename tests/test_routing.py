@@ -12,6 +12,7 @@ import pytest
 from django.core.cache import cache
 from django.utils import timezone
 
+from credits.models import LedgerTransaction
 from credits.services import BALANCE_GENERATION_KEY, account_balance, credit_grant
 from gateway.errors import ANTHROPIC, OPENAI, GatewayError
 from gateway.limits import held_nanousd
@@ -33,7 +34,13 @@ from gateway.routing import (
     request_admit_cached,
     routes_resolve,
 )
-from gateway.services import Attempt, access_key_authenticate, access_key_create, usage_record
+from gateway.services import (
+    Attempt,
+    access_key_authenticate,
+    access_key_create,
+    usage_record,
+    usage_records_batch,
+)
 
 OWN_OPENAI_KEY = "sk-own-openai-0000000000001111"
 GROQ_KEY = "groq-key-000000002222"
@@ -659,3 +666,41 @@ def test_cached_admission_refuses_an_empty_balance_as_the_thread_does(owner, mod
     assert (cached.value.status, cached.value.code) == (402, "insufficient_quota")
     assert cached.value.message == from_thread.value.message
     assert cached.value.message.startswith("Out of credit: the balance is USD 0.00.")
+
+
+def test_batched_records_are_dated_when_their_attempts_ended(funded, model_prices):
+    """A batch written later dates each record and its charge at its own attempt's end."""
+    route = admit(funded, CHAT).route
+    written_at = timezone.now()
+    ended = [written_at - timedelta(milliseconds=750), None]
+    attempts = [
+        Attempt(
+            request_id=f"req_dated_{index}",
+            account_id=funded.account.pk,
+            key_id=funded.key.access_key.pk,
+            provider=route.provider,
+            model=route.model,
+            surface=route.api_format,
+            key_source=route.key_source,
+            status=UsageRecord.Status.SUCCEEDED,
+            http_status=200,
+            streamed=False,
+            usage=TokenUsage(input_tokens=10, output_tokens=5),
+            latency_ms=5,
+            price=route.price,
+            finished_at=finished_at,
+        )
+        for index, finished_at in enumerate(ended)
+    ]
+
+    records = usage_records_batch(attempts=attempts, at=written_at)
+
+    # Without an end time, the record is dated when the batch was written.
+    assert [record.created_at for record in records] == [ended[0], written_at]
+    charges = LedgerTransaction.objects.filter(request_id__startswith="req_dated_")
+    assert dict(charges.values_list("request_id", "created_at")) == {
+        "req_dated_0": ended[0],
+        "req_dated_1": written_at,
+    }
+    # 10 input tokens at 150 + 50 and 5 output tokens at 600 + 50, each.
+    assert [record.cost_nanousd for record in records] == [5_250, 5_250]
