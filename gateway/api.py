@@ -149,6 +149,9 @@ class AccessKeyDetailView(APIView):
 
 
 class UsageRecordSerializer(serializers.ModelSerializer):
+    key_id = serializers.IntegerField(
+        source="access_key_id", read_only=True, allow_null=True, help_text="The access key's id."
+    )
     cost_usd = serializers.SerializerMethodField()
     fee_usd = serializers.SerializerMethodField()
     model_cost_usd = serializers.SerializerMethodField()
@@ -158,6 +161,7 @@ class UsageRecordSerializer(serializers.ModelSerializer):
         fields = [
             "request_id",
             "attempt",
+            "key_id",
             "provider",
             "model",
             "surface",
@@ -189,11 +193,57 @@ class UsageRecordSerializer(serializers.ModelSerializer):
         return format_usd(record.model_cost_nanousd)
 
 
+class UsageRecordQuerySerializer(serializers.Serializer):
+    key = serializers.IntegerField(
+        required=False, min_value=1, help_text="Only the records of this access key (its id)."
+    )
+    status = serializers.ChoiceField(
+        choices=UsageRecord.Status.choices,
+        required=False,
+        help_text="Only records with this status.",
+    )
+    provider = serializers.CharField(required=False, help_text="Only this provider's records.")
+    model = serializers.CharField(
+        required=False, help_text="Only records of this model, as named upstream."
+    )
+    since = serializers.DateTimeField(
+        required=False, help_text="Only records created at or after this ISO 8601 time."
+    )
+    until = serializers.DateTimeField(
+        required=False, help_text="Only records created before this ISO 8601 time."
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        since, until = attrs.get("since"), attrs.get("until")
+        if since is not None and until is not None and since >= until:
+            raise serializers.ValidationError({"until": ["until must be later than since."]})
+        return attrs
+
+
 class UsageRecordListView(generics.ListAPIView):
+    """Usage records, newest first, one per upstream attempt."""
+
     serializer_class = UsageRecordSerializer
 
+    @extend_schema(parameters=[UsageRecordQuerySerializer], summary="List usage records")
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
     def get_queryset(self):
-        return UsageRecord.objects.filter(account=request_account(self.request))
+        query = UsageRecordQuerySerializer(data=self.request.query_params)
+        query.is_valid(raise_exception=True)
+        filters = query.validated_data
+        records = UsageRecord.objects.filter(account=request_account(self.request))
+        if "key" in filters:
+            records = records.filter(access_key_id=filters["key"])
+        for name in ("status", "provider", "model"):
+            if name in filters:
+                records = records.filter(**{name: filters[name]})
+        if "since" in filters:
+            records = records.filter(created_at__gte=filters["since"])
+        if "until" in filters:
+            records = records.filter(created_at__lt=filters["until"])
+        return records
 
 
 # Providers: the account's own keys for the built-in providers, and custom providers.

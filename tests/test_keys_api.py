@@ -1,3 +1,7 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
 from gateway.models import AccessKey
 from gateway.services import access_key_hash
 
@@ -87,3 +91,60 @@ def test_schema_declares_bearer_access_keys(db):
         "description": "An access key with the `management` scope: `tb_...`.",
     }
     assert schema["paths"]["/api/credits/balance"]["get"]["security"] == [{"accessKey": []}]
+
+
+def test_usage_filters(owner, outsider):
+    from gateway.models import UsageRecord
+
+    second_key = owner.api().post("/api/keys", {"name": "second"}, format="json").json()
+    start = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    rows = [
+        ("req_a", owner.key.access_key.pk, "openai", "gpt-4o-mini", "succeeded", 0),
+        ("req_b", second_key["id"], "openai", "gpt-4o-mini", "upstream_error", 1),
+        ("req_c", second_key["id"], "anthropic", "claude-haiku-4-5", "succeeded", 2),
+    ]
+    for request_id, key_id, provider, model, status, minutes in rows:
+        UsageRecord.objects.create(
+            request_id=request_id,
+            account=owner.account,
+            access_key_id=key_id,
+            provider=provider,
+            model=model,
+            surface=provider,
+            key_source="builtin",
+            status=status,
+            created_at=start + timedelta(minutes=minutes),
+        )
+
+    def listed(query: str) -> list[str]:
+        response = owner.api().get(f"/api/usage{query}")
+        assert response.status_code == 200, response.json()
+        return [row["request_id"] for row in response.json()["results"]]
+
+    assert listed("") == ["req_c", "req_b", "req_a"]
+    assert listed(f"?key={second_key['id']}") == ["req_c", "req_b"]
+    assert listed("?status=succeeded") == ["req_c", "req_a"]
+    assert listed("?provider=openai&model=gpt-4o-mini") == ["req_b", "req_a"]
+    assert listed("?since=2026-05-01T12:01:00Z&until=2026-05-01T12:02:00Z") == ["req_b"]
+    assert listed(f"?key={outsider.key.access_key.pk}") == []
+    first = owner.api().get("/api/usage?model=claude-haiku-4-5").json()["results"][0]
+    assert first["key_id"] == second_key["id"]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("?status=done", 'status: "done" is not a valid choice.'),
+        ("?key=0", "key: Ensure this value is greater than or equal to 1."),
+        (
+            "?since=2026-05-02T00:00:00Z&until=2026-05-01T00:00:00Z",
+            "until must be later than since.",
+        ),
+    ],
+)
+def test_usage_filters_reject_bad_input(owner, query, message):
+    response = owner.api().get(f"/api/usage{query}")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid"
+    assert response.json()["error"]["message"] == message
