@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 
 from django import forms
+from django.apps import apps
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -275,3 +276,23 @@ class AuditRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="After")
     def after_state(self, record: AuditRecord) -> str:
         return format_html("<pre>{}</pre>", json.dumps(record.after, indent=2, sort_keys=True))
+
+
+# dj-stripe registers an admin page for each of its 41 models, most of them about
+# Stripe features Tollbooth does not use (subscriptions, invoices, payouts, Connect).
+# Support staff keep the ones that explain a purchase: the customer, the Checkout
+# Session, the payment, refunds, disputes and webhook deliveries.
+STRIPE_ADMIN_KEPT = {
+    "Charge",
+    "Customer",
+    "Dispute",
+    "Event",
+    "PaymentIntent",
+    "Refund",
+    "Session",
+    "WebhookEndpoint",
+    "WebhookEventTrigger",
+}
+for stripe_model in apps.get_app_config("djstripe").get_models():
+    if stripe_model.__name__ not in STRIPE_ADMIN_KEPT and admin.site.is_registered(stripe_model):
+        admin.site.unregister(stripe_model)

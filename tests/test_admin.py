@@ -1,5 +1,6 @@
 """The Django admin for support staff: audited actions, read-only audit records, keys by prefix."""
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -426,3 +427,21 @@ def test_account_page_shows_key_prefix_not_hash(support_client, owner):
     # Freezing goes through the audited action, not the form.
     assert 'name="is_frozen"' not in page
     assert 'name="low_balance_threshold_nanousd"' not in page
+
+
+def test_admin_index_lists_only_the_stripe_models_support_uses(admin_client):
+    page = admin_client.get("/admin/").content.decode()
+
+    listed = set(re.findall(r'href="/admin/djstripe/(\w+)/"', page))
+    assert listed == {
+        "charge",
+        "customer",
+        "dispute",
+        "event",
+        "paymentintent",
+        "refund",
+        "session",
+        "webhookendpoint",
+        "webhookeventtrigger",
+    }
+    assert admin_client.get("/admin/djstripe/subscription/").status_code == 404
