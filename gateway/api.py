@@ -27,6 +27,7 @@ from gateway.providers import (
     provider_credential_set,
 )
 from gateway.rollups import OVERVIEW_MAX_DAYS, usage_overview
+from gateway.routing import price_list
 from gateway.services import (
     REQUESTS_PER_MINUTE_MAX,
     AccessKeyError,
@@ -318,6 +319,34 @@ class CustomProviderUpdateSerializer(serializers.Serializer):
     models = serializers.ListField(
         child=serializers.CharField(max_length=120), required=False, max_length=200
     )
+
+
+class ModelPriceSerializer(serializers.Serializer):
+    id = serializers.CharField(help_text="The name to call the model by: `provider:model`.")
+    provider = serializers.CharField()
+    model = serializers.CharField()
+    input_usd_per_mtok = serializers.CharField()
+    output_usd_per_mtok = serializers.CharField()
+    cache_read_usd_per_mtok = serializers.CharField()
+    cache_write_usd_per_mtok = serializers.CharField()
+    effective_from = serializers.DateTimeField(help_text="Since when this price applies.")
+
+
+class PriceListSerializer(serializers.Serializer):
+    fee_usd_per_mtok = serializers.CharField(
+        help_text="The processing fee per million tokens, input plus output, on every request."
+    )
+    models = ModelPriceSerializer(many=True)
+
+
+class PriceListView(APIView):
+    @extend_schema(responses=PriceListSerializer, summary="Built-in inference prices")
+    def get(self, request):
+        """The processing fee, and the model prices that built-in inference charges.
+
+        Requests on the account's own keys or custom providers pay only the fee.
+        """
+        return Response(PriceListSerializer(price_list(at=timezone.now())).data)
 
 
 class ProviderKeyListView(APIView):

@@ -26,6 +26,7 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
+from credits.money import format_usd_short
 from gateway.errors import ANTHROPIC, OPENAI, GatewayError, invalid_key
 from gateway.limits import Reservation, reservation_hold, reservation_hold_cached
 from gateway.models import ModelPrice, UsageRecord
@@ -112,6 +113,15 @@ class PriceCatalog:
             if self.current(provider=provider, model=model, at=at) is not None
         ]
 
+    def in_force(self, *, at: datetime) -> list[tuple[str, str, PricePeriod]]:
+        """Return (provider, model, price in force) of every model priced at `at`, sorted."""
+        prices = []
+        for provider, model in sorted(self.periods):
+            period = self.current(provider=provider, model=model, at=at)
+            if period is not None:
+                prices.append((provider, model, period))
+        return prices
+
     def listed(self, *, at: datetime) -> list[tuple[str, str, datetime]]:
         """Return (provider, model, first effective_from) of every model priced at `at`."""
         return [
@@ -171,6 +181,26 @@ def price_catalog_local() -> tuple[int, PriceCatalog] | None:
     if entry is None or entry[1] <= time.monotonic():
         return None
     return entry[0], entry[2]
+
+
+def price_list(*, at: datetime) -> dict:
+    """Return the processing fee and the built-in models' prices in force at `at`."""
+    return {
+        "fee_usd_per_mtok": format_usd_short(settings.GATEWAY_FEE_NANOUSD_PER_MTOK),
+        "models": [
+            {
+                "id": f"{provider}:{model}",
+                "provider": provider,
+                "model": model,
+                "input_usd_per_mtok": format_usd_short(period.price.input),
+                "output_usd_per_mtok": format_usd_short(period.price.output),
+                "cache_read_usd_per_mtok": format_usd_short(period.price.cache_read),
+                "cache_write_usd_per_mtok": format_usd_short(period.price.cache_write),
+                "effective_from": period.effective_from,
+            }
+            for provider, model, period in price_catalog().in_force(at=at)
+        ],
+    }
 
 
 def price_catalog_evict_on_commit() -> None:

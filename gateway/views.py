@@ -31,6 +31,7 @@ from gateway.providers import (
     provider_credential_set,
 )
 from gateway.rollups import usage_charts
+from gateway.routing import price_list
 from gateway.services import AccessKeyError, access_key_create, access_key_revoke
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ def _providers_page(
     ]
     context = {
         "builtin": builtin,
+        "prices": price_list(at=timezone.now()),
         "custom_providers": account_objects(CustomProvider, request.account).order_by("name"),
         "custom_form": custom_form or CustomProviderForm(),
     }

@@ -16,6 +16,7 @@ api_patterns = [
     path("keys/<int:key_id>", gateway_api.AccessKeyDetailView.as_view()),
     path("usage", gateway_api.UsageRecordListView.as_view()),
     path("usage/overview", gateway_api.UsageOverviewView.as_view()),
+    path("prices", gateway_api.PriceListView.as_view()),
     path("providers/keys", gateway_api.ProviderKeyListView.as_view()),
     path("providers/keys/<str:provider>", gateway_api.ProviderKeyDetailView.as_view()),
     path("providers/custom", gateway_api.CustomProviderListView.as_view()),

@@ -121,6 +121,19 @@ def test_signup_key_and_purchase(page: Page, live_server, settings, stripe_base_
     expect(page.get_by_test_id("balance")).to_have_text("$5.00")
 
 
+def test_providers_page_lists_builtin_prices(page: Page, live_server, model_prices):
+    base_url = live_server.url
+    _sign_up(page, base_url, "pricing@example.com")
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Providers").click()
+
+    table = page.get_by_test_id("price-table")
+    expect(table.get_by_role("row").filter(has_text="openai:gpt-4o-mini")).to_have_text(
+        re.compile(r"openai:gpt-4o-mini\s*0\.15\s*0\.60\s*0\.075\s*0\.00")
+    )
+    expect(page.get_by_text("processing fee of USD 0.05 per million tokens")).to_be_visible()
+
+
 def test_buy_form_error_and_key_revoke(page: Page, live_server, settings, stripe_base_url):
     settings.PUBLIC_URL = live_server.url
     base_url = live_server.url

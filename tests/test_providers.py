@@ -7,15 +7,19 @@ Nothing here connects to any of these addresses.
 
 import ipaddress
 import socket
+from datetime import timedelta
 
 import pytest
+import time_machine
 from cryptography.fernet import Fernet
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from rest_framework import serializers
+from rest_framework.test import APIClient
 
 from gateway.crypto import SecretDecryptError, secret_decrypt
-from gateway.models import CustomProvider, ProviderCredential
+from gateway.models import CustomProvider, ModelPrice, ProviderCredential
 from gateway.providers import (
     ProviderError,
     UpstreamAddressError,
@@ -31,6 +35,7 @@ from gateway.providers import (
     upstream_host_check,
     upstream_url_check,
 )
+from gateway.routing import price_catalog_evict_on_commit
 from gateway.services import access_key_create
 
 OPENAI_KEY = "sk-own-openai-key-0000000000000001234"
@@ -793,3 +798,54 @@ def test_admin_never_shows_secrets(owner, public_dns, admin_client):
         html = page.content.decode()
         for secret in (OPENAI_KEY, CUSTOM_KEY, credential.encrypted_key, provider.encrypted_key):
             assert secret not in html
+
+
+# The price list
+
+
+def test_price_list_api_shows_the_fee_and_prices_in_force(owner, model_prices):
+    response = owner.api().get("/api/prices")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["fee_usd_per_mtok"] == "0.05"
+    by_id = {price["id"]: price for price in body["models"]}
+    assert by_id["openai:gpt-4o-mini"] == {
+        "id": "openai:gpt-4o-mini",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "input_usd_per_mtok": "0.15",
+        "output_usd_per_mtok": "0.60",
+        "cache_read_usd_per_mtok": "0.075",
+        "cache_write_usd_per_mtok": "0.00",
+        "effective_from": "2025-01-01T00:00:00Z",
+    }
+    assert by_id["anthropic:claude-haiku-4-5"]["cache_write_usd_per_mtok"] == "1.25"
+    assert [price["id"] for price in body["models"]] == sorted(by_id)
+
+
+def test_price_list_shows_a_scheduled_price_only_once_in_force(owner, model_prices, committed):
+    starts = timezone.now() + timedelta(days=1)
+    ModelPrice.objects.create(
+        provider="openai",
+        model="gpt-4o-mini",
+        input_nanousd_per_mtok=200_000_000,
+        output_nanousd_per_mtok=800_000_000,
+        effective_from=starts,
+    )
+    committed(price_catalog_evict_on_commit)
+
+    def gpt_4o_mini_input() -> str:
+        prices = owner.api().get("/api/prices").json()["models"]
+        return next(p for p in prices if p["id"] == "openai:gpt-4o-mini")["input_usd_per_mtok"]
+
+    assert gpt_4o_mini_input() == "0.15"
+    with time_machine.travel(starts + timedelta(seconds=1), tick=False):
+        assert gpt_4o_mini_input() == "0.20"
+
+
+def test_price_list_needs_a_key(db):
+    response = APIClient().get("/api/prices")
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "not_authenticated"
