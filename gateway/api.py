@@ -342,7 +342,7 @@ class PriceListSerializer(serializers.Serializer):
 class PriceListView(APIView):
     @extend_schema(responses=PriceListSerializer, summary="Built-in inference prices")
     def get(self, request):
-        """The processing fee, and the model prices that built-in inference charges.
+        """Return the processing fee and the model prices that built-in inference charges.
 
         Requests on the account's own keys or custom providers pay only the fee.
         """

@@ -526,9 +526,10 @@ async def request_admit_cached(*, raw_key: str, body: dict, surface: str) -> Adm
     The key's identity, the account's provider configuration and the price table must be
     in this process's memory. The admission step checks that the configuration and
     prices have not changed since, in the same atomic step as the balance and limits.
-    Returns None whenever it cannot decide alone (anything missing from memory, a custom
-    provider, whose host is checked in DNS, an error, a changed token), having held
-    nothing; `request_admit` then decides in a worker thread.
+    Returns None, having held nothing, whenever it cannot decide alone: something is
+    missing from memory, a route goes to a custom provider (its host is checked in DNS),
+    resolution raised an error, or a token changed. `request_admit` then decides in a
+    worker thread.
     """
     identity = access_key_identity_local(raw_key=raw_key)
     if identity is None or not identity.has_scope("inference") or identity.account_frozen:

@@ -803,7 +803,7 @@ def test_admin_never_shows_secrets(owner, public_dns, admin_client):
 # The price list
 
 
-def test_price_list_api_shows_the_fee_and_prices_in_force(owner, model_prices):
+def test_price_list_fee_and_prices(owner, model_prices):
     response = owner.api().get("/api/prices")
 
     assert response.status_code == 200
@@ -824,7 +824,7 @@ def test_price_list_api_shows_the_fee_and_prices_in_force(owner, model_prices):
     assert [price["id"] for price in body["models"]] == sorted(by_id)
 
 
-def test_price_list_shows_a_scheduled_price_only_once_in_force(owner, model_prices, committed):
+def test_price_list_scheduled_price(owner, model_prices, committed):
     starts = timezone.now() + timedelta(days=1)
     ModelPrice.objects.create(
         provider="openai",
