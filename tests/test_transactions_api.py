@@ -161,7 +161,7 @@ def expected_rows(ids: dict) -> list[dict]:
             0,
             9_997_999_997,
             id=ids["expiry"],
-            description=f"Lot {ids['short_lot']} expired with {2 * USD} nanousd unspent",
+            description=f"Lot {ids['short_lot']} expired with USD 2.00 unspent",
         ),
         row(
             "grant",

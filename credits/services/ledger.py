@@ -572,7 +572,7 @@ def credit_lot_expire(*, lot_id: int, at: datetime | None = None) -> LedgerTrans
         amount_nanousd=0,
         entries=[(lot, -remainder)],
         at=at,
-        description=f"Lot {lot.pk} expired with {remainder} nanousd unspent",
+        description=f"Lot {lot.pk} expired with USD {format_usd_short(remainder)} unspent",
     )
     logger.info("Expired lot %s of account %s, remainder %s", lot.pk, account.pk, remainder)
     return ledger_transaction
