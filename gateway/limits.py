@@ -2,6 +2,9 @@
 
 Before a request is forwarded, one atomic step checks, in this order:
 
+0. that the balance is positive (else 402, out of credit); with Redis the step reads the
+   cached balance itself, together with the holds, so no charge that lands between two
+   reads can be missed;
 1. the key's requests per minute: admitted requests in a sliding 60-second window;
 2. the key's spend limit: spend settled in the current period (UTC day, ISO week from
    Monday, calendar month, or ever) plus the reservations the key holds;
@@ -17,10 +20,13 @@ Concurrent requests therefore overshoot a balance or a spend limit by at most th
 the unreserved requests in flight.
 
 With Redis (`REDIS_URL` set) the state lives in the cache's Redis database and each step
-is one Lua script, so every process sees every other's requests. Without Redis (the
-single-process `make run` default) it lives in this process behind a lock, with the same
-semantics. Spend counters are a cache of `UsageRecord.cost_nanousd`: a counter that is
-missing (a flushed or restarted store, a new period) is rebuilt with one query.
+is one Lua script, so every process sees every other's requests. The script also checks
+the version tokens the request's routes were resolved under, so the event loop can admit
+a request from the process's memory in one round trip (`reservation_hold_cached`).
+Without Redis (the single-process `make run` default) it lives in this process behind a
+lock, with the same semantics. Spend counters are a cache of `UsageRecord.cost_nanousd`:
+a counter that is missing (a flushed or restarted store, a new period) is rebuilt with
+one query.
 
 Amounts are integer nano-dollars. Lua numbers are doubles, which hold every integer below
 2**53 (about USD 9 million) exactly; amounts passed to the scripts are capped below that,
