@@ -2,13 +2,13 @@
 
 Before a request is forwarded, one atomic step checks, in this order:
 
-0. that the balance is positive (else 402, out of credit); with Redis the step reads the
+1. that the balance is positive (else 402, out of credit); with Redis the step reads the
    cached balance itself, together with the holds, so no charge that lands between two
    reads can be missed;
-1. the key's requests per minute: admitted requests in a sliding 60-second window;
-2. the key's spend limit: spend settled in the current period (UTC day, ISO week from
+2. the key's requests per minute: admitted requests in a sliding 60-second window;
+3. the key's spend limit: spend settled in the current period (UTC day, ISO week from
    Monday, calendar month, or ever) plus the reservations the key holds;
-3. the account's credit: the cached balance minus the reservations the account holds.
+4. the account's credit: the cached balance minus the reservations the account holds.
 
 A request that states `max_tokens` (or `max_completion_tokens`) reserves its worst-case
 cost on the account, and on the key when the key has a spend limit. It is admitted only
