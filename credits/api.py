@@ -75,8 +75,15 @@ class LotSerializer(serializers.ModelSerializer):
             "remaining_nanousd",
             "created_at",
             "expires_at",
+            "expired_at",
             "spendable",
         ]
+        extra_kwargs = {
+            "expired_at": {
+                "help_text": "When the expiry was written to the ledger, taking the remainder; "
+                "null before that. The lot stops being spendable at `expires_at` already."
+            }
+        }
 
     def get_original_usd(self, lot: CreditLot) -> str:
         return format_usd(lot.original_nanousd)

@@ -4,7 +4,7 @@ import pytest
 from django.utils import timezone
 
 from credits.models import CheckoutPurchase, CreditLot
-from credits.services import credit_grant, usage_debit
+from credits.services import credit_grant, credit_lot_expire, usage_debit
 
 
 def test_balance_lists_unexpired_lots_in_draw_down_order(owner):
@@ -148,3 +148,22 @@ def test_lots_list_shows_only_own_lots(funded, outsider):
     response = funded.api().get("/api/credits/lots")
     assert response.status_code == 200
     assert [lot["original_usd"] for lot in response.json()["results"]] == ["10.000000000"]
+
+
+def test_lots_list_shows_when_an_expiry_was_written(funded):
+    now = timezone.now()
+    lot = credit_grant(
+        account=funded.account,
+        amount_nanousd=250_000_000,
+        reason="short trial",
+        at=now - timedelta(days=2),
+        expires_at=now - timedelta(days=1),
+    )
+    credit_lot_expire(lot_id=lot.pk, at=now)
+
+    lots = {row["id"]: row for row in funded.api().get("/api/credits/lots").json()["results"]}
+
+    expired = lots[lot.pk]
+    assert (expired["remaining_usd"], expired["spendable"]) == ("0.000000000", False)
+    assert expired["expired_at"] == now.isoformat().replace("+00:00", "Z")
+    assert [row["expired_at"] for row in lots.values() if row["id"] != lot.pk] == [None]
