@@ -1,5 +1,6 @@
 """Operator commands: each prints what it did, and bad input raises CommandError."""
 
+from datetime import UTC, datetime
 from io import StringIO
 
 import pytest
@@ -128,3 +129,45 @@ def test_seed_demo_runs_once(db):
     assert "already seeded" in err
     demo = Account.objects.get(slug="demo")
     assert account_balance(account_id=demo.pk).balance_nanousd == 1_000_000_000
+
+
+def test_grant_credits_with_an_expiry(owner):
+    out, _ = run(
+        "grant_credits",
+        "--account",
+        "acme",
+        "--amount-usd",
+        "0.25",
+        "--reason",
+        "Short trial",
+        "--expires-at",
+        "2099-06-30T23:59:59Z",
+    )
+
+    lot = CreditLot.objects.get(account=owner.account)
+    assert lot.expires_at == datetime(2099, 6, 30, 23, 59, 59, tzinfo=UTC)
+    assert out.strip().endswith(f"(lot {lot.pk}, expires 2099-06-30 23:59:59 UTC)")
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "message"),
+    [
+        ("next week", "is not an ISO 8601 time with a time zone"),
+        ("2099-06-30T23:59:59", "is not an ISO 8601 time with a time zone"),
+        ("2001-01-01T00:00:00Z", "A grant's expiry must be in the future."),
+    ],
+)
+def test_grant_credits_rejects_bad_expiry(owner, expires_at, message):
+    with pytest.raises(CommandError, match=message):
+        run(
+            "grant_credits",
+            "--account",
+            "acme",
+            "--amount-usd",
+            "1",
+            "--reason",
+            "x",
+            "--expires-at",
+            expires_at,
+        )
+    assert CreditLot.objects.count() == 0
