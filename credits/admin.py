@@ -293,6 +293,34 @@ STRIPE_ADMIN_KEPT = {
     "WebhookEndpoint",
     "WebhookEventTrigger",
 }
+
+
+def _stripe_mirror_admin(model_admin: admin.ModelAdmin) -> type[admin.ModelAdmin]:
+    """Return a subclass of dj-stripe's admin that cannot add or delete.
+
+    These rows mirror objects in Stripe; one added or deleted here would not be in Stripe.
+    """
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    return type(
+        f"Mirror{type(model_admin).__name__}",
+        (type(model_admin),),
+        {
+            "has_add_permission": has_add_permission,
+            "has_delete_permission": has_delete_permission,
+        },
+    )
+
+
 for stripe_model in apps.get_app_config("djstripe").get_models():
-    if stripe_model.__name__ not in STRIPE_ADMIN_KEPT and admin.site.is_registered(stripe_model):
-        admin.site.unregister(stripe_model)
+    if not admin.site.is_registered(stripe_model):
+        continue
+    model_admin = admin.site.get_model_admin(stripe_model)
+    admin.site.unregister(stripe_model)
+    if stripe_model.__name__ in STRIPE_ADMIN_KEPT:
+        admin.site.register(stripe_model, _stripe_mirror_admin(model_admin))

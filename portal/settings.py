@@ -55,7 +55,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_htmx",
     "allauth",
-    "allauth.account",
+    "accounts.apps.SignInConfig",
     "djstripe",
     "accounts",
     "credits",

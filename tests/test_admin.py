@@ -445,3 +445,12 @@ def test_admin_index_lists_only_the_stripe_models_support_uses(admin_client):
         "webhookeventtrigger",
     }
     assert admin_client.get("/admin/djstripe/subscription/").status_code == 404
+    # The rows mirror Stripe's objects, so none is added or deleted here.
+    assert admin_client.get("/admin/djstripe/charge/").status_code == 200
+    assert admin_client.get("/admin/djstripe/charge/add/").status_code == 403
+    assert 'href="/admin/djstripe/charge/add/"' not in page
+    # allauth's section has a name of its own, apart from Tollbooth's accounts.
+    assert "Sign-in email addresses" in page
+    assert re.findall(r"<a href=\"/admin/(\w+)/\" class=\"section\"[^>]*>Accounts</a>", page) == [
+        "accounts"
+    ]
