@@ -55,6 +55,7 @@ from credits.services import (
     account_balance_cached,
     balance_cache_fill,
     balance_cache_key,
+    cache_redis_url,
 )
 from gateway.errors import GatewayError
 from gateway.models import AccessKey, UsageRecord
@@ -719,12 +720,8 @@ def limits_store() -> RedisLimits | LocalLimits:
     """
     if not settings.REDIS_URL:
         return _local_store
-    cache_settings = settings.CACHES["default"]
-    url = settings.REDIS_URL
-    if "redis" in cache_settings["BACKEND"].lower():
-        location = cache_settings["LOCATION"]
-        url = location[0] if isinstance(location, list | tuple) else location.split(",")[0]
-    prefix = cache_settings.get("KEY_PREFIX") or "tollbooth"
+    url = cache_redis_url() or settings.REDIS_URL
+    prefix = settings.CACHES["default"].get("KEY_PREFIX") or "tollbooth"
     with _redis_stores_lock:
         store = _redis_stores.get(url)
         if store is None:
@@ -784,7 +781,7 @@ def _limits_unavailable(identity: KeyIdentity, error: Exception) -> GatewayError
     )
 
 
-def _refusal(
+def _admission_error(
     outcome: Outcome,
     *,
     identity: KeyIdentity,
@@ -792,7 +789,7 @@ def _refusal(
     period: SpendPeriod,
     at: datetime,
 ) -> GatewayError | None:
-    """Return the error for a refused request, or None when it was admitted."""
+    """Return the error for a rejected request, or None when it was admitted."""
     if outcome.status == OUT_OF_CREDIT:
         return GatewayError(
             402,
@@ -836,8 +833,8 @@ def reservation_hold(
 
     `prices` are those of every route the request may take; the dearest worst case is
     held. Raises GatewayError: 402 when the balance is used up or the credit left after
-    other holds does not cover the request, 429 over the requests per minute or the
-    spend limit, 503 when the limits store cannot be reached.
+    other reservations does not cover the request, 429 over the requests per minute or
+    the spend limit, 503 when the limits store cannot be reached.
     """
     at = at or timezone.now()
     reservation, period = _reservation_new(identity=identity, body=body, prices=prices, at=at)
@@ -845,9 +842,11 @@ def reservation_hold(
         outcome = _admit(limits_store(), reservation, identity=identity, period=period, at=at)
     except redis.RedisError as error:
         raise _limits_unavailable(identity, error) from error
-    refusal = _refusal(outcome, identity=identity, reservation=reservation, period=period, at=at)
-    if refusal is not None:
-        raise refusal
+    rejection = _admission_error(
+        outcome, identity=identity, reservation=reservation, period=period, at=at
+    )
+    if rejection is not None:
+        raise rejection
     return reservation
 
 
@@ -877,9 +876,11 @@ async def reservation_hold_cached(
         raise _limits_unavailable(identity, error) from error
     if outcome.status in RETRY_STATUSES:
         return None
-    refusal = _refusal(outcome, identity=identity, reservation=reservation, period=period, at=at)
-    if refusal is not None:
-        raise refusal
+    rejection = _admission_error(
+        outcome, identity=identity, reservation=reservation, period=period, at=at
+    )
+    if rejection is not None:
+        raise rejection
     return reservation
 
 
@@ -1009,7 +1010,8 @@ class HoldSettlement:
 
 
 def reservations_settle(items: list[HoldSettlement]) -> None:
-    """Count metered attempts' costs against their keys and drop the holds marked `release`.
+    """Count metered attempts' costs against their keys and drop the reservations marked
+    `release`.
 
     Call it after the attempts' usage records are committed: a spend counter rebuilt in
     between then already includes the cost. A store that cannot be reached is logged and

@@ -92,8 +92,8 @@ _process: MeteringProcess | None = None
 def metering_process_start() -> None:
     """Start the metering process; the ASGI server calls this when it starts.
 
-    Only with Redis: without it, cached balances and holds live in the server process's
-    memory, which a child process could not update.
+    Only with Redis: without it, cached balances and reservations live in the server
+    process's memory, which a child process could not update.
     """
     global _process
     if settings.GATEWAY_METERING_PROCESS and settings.REDIS_URL and _process is None:

@@ -25,7 +25,8 @@ def main(connection, niceness: int = 0) -> None:
     """Record and charge batches sent over `connection` until a None arrives.
 
     `niceness` lowers the process's CPU priority, so on a busy machine request handling
-    goes first; charges then land a little later, and holds cover them until they do.
+    goes first. Charges then land a little later, and reservations cover their cost until
+    they do.
     """
     os.nice(niceness)
     while True:

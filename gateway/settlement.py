@@ -43,9 +43,9 @@ def usage_settle_batch(items: list[Settlement]) -> list[UsageRecord]:
         ]
     )
 
-    # Each debit cached its account's new balance as it committed. Where a later write
-    # cancelled that, the balance is computed here, off the request path, which spares
-    # the account's next request the database query; otherwise this is a cache hit.
+    # Each debit cached its account's new balance as it committed, so this is mostly a
+    # cache hit. Where a later write cancelled that, the balance is computed here, off the
+    # request path, so the account's next request needs no database query.
     for account_id in {item.attempt.account_id for item in items}:
         account_balance_cached(account_id=account_id)
     return records

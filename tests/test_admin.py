@@ -429,7 +429,7 @@ def test_account_page_shows_key_prefix_not_hash(support_client, owner):
     assert 'name="low_balance_threshold_nanousd"' not in page
 
 
-def test_admin_index_lists_only_the_stripe_models_support_uses(admin_client):
+def test_admin_index_stripe_models(admin_client):
     page = admin_client.get("/admin/").content.decode()
 
     listed = set(re.findall(r'href="/admin/djstripe/(\w+)/"', page))

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 from django.core.cache import cache
 from django.utils import timezone
 
@@ -15,6 +16,7 @@ from credits.services import (
     credit_grant,
     credit_lot_expire,
     credit_lots_expire_due,
+    ledger,
     ledger_violations,
     lot_expiry_for,
     purchase_lot_create,
@@ -206,7 +208,7 @@ def test_cached_balance_is_evicted_on_debit(funded, django_capture_on_commit_cal
     assert account_balance_cached(account_id=funded.account.pk) == 10 * USD - 1234
 
 
-def test_usage_debit_caches_the_new_balance_on_commit(funded, django_capture_on_commit_callbacks):
+def test_debit_caches_new_balance(funded, django_capture_on_commit_callbacks):
     account_id = funded.account.pk
     with django_capture_on_commit_callbacks(execute=True):
         usage_debit(account_id=account_id, request_id="req_cache", amount_nanousd=1234)
@@ -218,9 +220,7 @@ def test_usage_debit_caches_the_new_balance_on_commit(funded, django_capture_on_
     )
 
 
-def test_late_balance_publication_only_retires_the_cache(
-    funded, django_capture_on_commit_callbacks
-):
+def test_late_publication_only_retires_cache(funded, django_capture_on_commit_callbacks):
     account_id = funded.account.pk
     with django_capture_on_commit_callbacks(execute=False) as late:
         usage_debit(account_id=account_id, request_id="req_late", amount_nanousd=1234)
@@ -244,3 +244,24 @@ def test_ledger_check_reports_tampering(funded):
     violations = ledger_violations(account=funded.account)
     assert len(violations) == 1
     assert "remaining is 1" in violations[0]
+
+
+def test_debit_survives_failed_publication(
+    funded, django_capture_on_commit_callbacks, monkeypatch
+):
+    """Redis failing inside the debit's transaction retires the cache, not the debit."""
+
+    class BrokenRedis:
+        def set(self, *args, **kwargs):
+            raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(ledger, "_cache_redis", BrokenRedis)
+    account_id = funded.account.pk
+    generation = balance_generation(account_id=account_id)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        usage_debit(account_id=account_id, request_id="req_broken", amount_nanousd=1234)
+
+    assert balance_generation(account_id=account_id) == generation + 1
+    assert cache.get(balance_cache_key(account_id=account_id, generation=generation + 1)) is None
+    assert account_balance_cached(account_id=account_id) == 10 * USD - 1234

@@ -7,7 +7,7 @@ from gateway import metering
 from gateway.metering import MeteringProcess, metering_process_start, metering_process_stop
 
 
-def test_metering_process_runs_at_the_configured_niceness(settings):
+def test_metering_process_niceness(settings):
     settings.GATEWAY_METERING_NICENESS = 7
     expected = os.getpriority(os.PRIO_PROCESS, 0) + 7
     process = MeteringProcess()
@@ -24,7 +24,8 @@ def test_metering_process_runs_at_the_configured_niceness(settings):
 
 
 def test_no_metering_process_without_redis(settings):
-    """Without Redis, balances and holds live in the server's memory, out of a child's reach."""
+    """Without Redis, balances and reservations live in the server's memory, out of a
+    child process's reach."""
     settings.REDIS_URL = ""
     settings.GATEWAY_METERING_PROCESS = True
 

@@ -201,7 +201,7 @@ def test_concurrent_requests_stop_at_rpm(store, funded):
 
 
 def first_of_two_worst_cases(tenant) -> tuple[KeyIdentity, Reservation]:
-    """Fund the account with two worst cases and admit a request that holds one."""
+    """Fund the account with two worst cases and admit a request that reserves one."""
     credit_grant(account=tenant.account, amount_nanousd=2 * WORST, reason="test")
     identity = limited_key(tenant)
     first = attempt(identity, at=T0, body=CAPPED)
@@ -215,7 +215,7 @@ def charged_and_settled(first: Reservation, *, account_id: int) -> None:
     reservation_settle(reservation=first, cost_nanousd=WORST, at=T0)
 
 
-def test_balance_computed_before_a_charge_is_computed_again(redis_store, owner, monkeypatch):
+def test_stale_computed_balance_is_refused(redis_store, owner, monkeypatch):
     """A balance computed just before a charge lands is not paired with its freed hold."""
     identity, first = first_of_two_worst_cases(owner)
     generation = balance_generation(account_id=owner.account.pk)
@@ -248,7 +248,7 @@ def test_balance_computed_before_a_charge_is_computed_again(redis_store, owner, 
     assert held_nanousd(account_id=owner.account.pk, at=T0) == 0
 
 
-def test_balance_read_blocks_settlement_local(local_store, owner, monkeypatch):
+def test_local_balance_read_blocks_settlement(local_store, owner, monkeypatch):
     """The local store reads the balance under the lock that dropping a hold takes."""
     identity, first = first_of_two_worst_cases(owner)
     balance_cached = limits.account_balance_cached
@@ -479,9 +479,7 @@ def test_concurrent_gateway_requests_no_overshoot(store, gateway, owner):
     assert held_nanousd(account_id=owner.account.pk) == 0
 
 
-def test_repeat_requests_are_admitted_without_a_worker_thread(
-    redis_store, gateway, funded, monkeypatch
-):
+def test_repeat_requests_skip_worker_thread(redis_store, gateway, funded, monkeypatch):
     threaded: list[str] = []
     request_admit = proxy.request_admit
 

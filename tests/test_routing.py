@@ -6,7 +6,7 @@ Prices from the seeded table, in nano-dollars per token: gpt-4o-mini input 150, 
 
 import asyncio
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from django.core.cache import cache
@@ -105,24 +105,38 @@ def limited_key(tenant, **allowlists) -> str:
     return access_key_create(account=tenant.account, name="limited", **allowlists).raw_key
 
 
+def succeeded_attempt(
+    route: Route,
+    tenant,
+    *,
+    request_id: str,
+    usage: TokenUsage,
+    finished_at: datetime | None = None,
+) -> Attempt:
+    """Build a succeeded attempt on the route with the tenant's key."""
+    return Attempt(
+        request_id=request_id,
+        account_id=tenant.account.pk,
+        key_id=tenant.key.access_key.pk,
+        provider=route.provider,
+        model=route.model,
+        surface=route.api_format,
+        key_source=route.key_source,
+        status=UsageRecord.Status.SUCCEEDED,
+        http_status=200,
+        streamed=False,
+        usage=usage,
+        latency_ms=5,
+        price=route.price,
+        finished_at=finished_at,
+    )
+
+
 def charge(route: Route, tenant, *, request_id: str) -> UsageRecord:
     """Record a succeeded attempt of 1,000 input and 500 output tokens on the route."""
+    usage = TokenUsage(input_tokens=1000, output_tokens=500)
     return usage_record(
-        attempt=Attempt(
-            request_id=request_id,
-            account_id=tenant.account.pk,
-            key_id=tenant.key.access_key.pk,
-            provider=route.provider,
-            model=route.model,
-            surface=route.api_format,
-            key_source=route.key_source,
-            status=UsageRecord.Status.SUCCEEDED,
-            http_status=200,
-            streamed=False,
-            usage=TokenUsage(input_tokens=1000, output_tokens=500),
-            latency_ms=5,
-            price=route.price,
-        )
+        attempt=succeeded_attempt(route, tenant, request_id=request_id, usage=usage)
     )
 
 
@@ -598,7 +612,7 @@ CAPPED_CHAT = {**CHAT, "max_tokens": 10}
 CAPPED_CHAT_WORST = 258 * 200 + 10 * 650
 
 
-def test_cached_admission_matches_the_worker_thread(funded, model_prices):
+def test_cached_admission_matches_thread(funded, model_prices):
     first = admit(funded, CAPPED_CHAT)
     held = held_nanousd(account_id=funded.account.pk)
     assert held == CAPPED_CHAT_WORST
@@ -612,14 +626,12 @@ def test_cached_admission_matches_the_worker_thread(funded, model_prices):
     assert held_nanousd(account_id=funded.account.pk) == 2 * CAPPED_CHAT_WORST
 
 
-def test_cached_admission_needs_the_key_in_memory(funded, model_prices):
+def test_cached_admission_key_not_in_memory(funded, model_prices):
     assert admit_cached(funded, CAPPED_CHAT) is None
     assert held_nanousd(account_id=funded.account.pk) == 0
 
 
-def test_cached_admission_declines_after_another_process_changes_providers(
-    funded, model_prices, committed
-):
+def test_cached_admission_provider_change(funded, model_prices):
     admit(funded, CAPPED_CHAT)
     # Another process saved a provider: only the shared token changes, not this memory.
     cache.set(provider_config_version_key(funded.account.pk), version_token_new(), timeout=None)
@@ -631,7 +643,7 @@ def test_cached_admission_declines_after_another_process_changes_providers(
     assert admit(funded, CAPPED_CHAT).reservation.hold_nanousd == CAPPED_CHAT_WORST
 
 
-def test_cached_admission_declines_after_a_price_change(funded, model_prices):
+def test_cached_admission_price_change(funded, model_prices):
     admit(funded, CAPPED_CHAT)
     cache.set(PRICE_CATALOG_VERSION_KEY, version_token_new(), timeout=None)
 
@@ -639,7 +651,7 @@ def test_cached_admission_declines_after_a_price_change(funded, model_prices):
     assert held_nanousd(account_id=funded.account.pk) == CAPPED_CHAT_WORST
 
 
-def test_cached_admission_declines_when_the_balance_is_not_cached(funded, model_prices):
+def test_cached_admission_uncached_balance(funded, model_prices):
     admit(funded, CAPPED_CHAT)
     # A ledger write in another process moved the generation on.
     generation_key = BALANCE_GENERATION_KEY.format(account_id=funded.account.pk)
@@ -649,14 +661,14 @@ def test_cached_admission_declines_when_the_balance_is_not_cached(funded, model_
     assert held_nanousd(account_id=funded.account.pk) == CAPPED_CHAT_WORST
 
 
-def test_cached_admission_leaves_custom_providers_to_the_worker_thread(funded, model_prices, groq):
+def test_cached_admission_custom_provider(funded, model_prices, groq):
     body = {**CAPPED_CHAT, "model": "groq:llama-3.3-70b"}
     assert admit(funded, body).route.key_source == UsageRecord.KeySource.CUSTOM
 
     assert admit_cached(funded, body) is None
 
 
-def test_cached_admission_refuses_an_empty_balance_as_the_thread_does(owner, model_prices):
+def test_cached_admission_empty_balance(owner, model_prices):
     with pytest.raises(GatewayError) as from_thread:
         admit(owner, CAPPED_CHAT)
 
@@ -668,26 +680,17 @@ def test_cached_admission_refuses_an_empty_balance_as_the_thread_does(owner, mod
     assert cached.value.message.startswith("Out of credit: the balance is USD 0.00.")
 
 
-def test_batched_records_are_dated_when_their_attempts_ended(funded, model_prices):
+def test_batch_dates_records_at_attempt_end(funded, model_prices):
     """A batch written later dates each record and its charge at its own attempt's end."""
     route = admit(funded, CHAT).route
     written_at = timezone.now()
     ended = [written_at - timedelta(milliseconds=750), None]
     attempts = [
-        Attempt(
+        succeeded_attempt(
+            route,
+            funded,
             request_id=f"req_dated_{index}",
-            account_id=funded.account.pk,
-            key_id=funded.key.access_key.pk,
-            provider=route.provider,
-            model=route.model,
-            surface=route.api_format,
-            key_source=route.key_source,
-            status=UsageRecord.Status.SUCCEEDED,
-            http_status=200,
-            streamed=False,
             usage=TokenUsage(input_tokens=10, output_tokens=5),
-            latency_ms=5,
-            price=route.price,
             finished_at=finished_at,
         )
         for index, finished_at in enumerate(ended)

@@ -137,18 +137,27 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
 end
 return generation
 """
+# Serializes the local publication of balances (a cache that is not Redis).
 _publish_lock = threading.Lock()
+_redis_clients_lock = threading.Lock()
 _redis_clients: dict[str, redis.Redis] = {}
 
 
-def _cache_redis() -> redis.Redis | None:
-    """Return a client of the cache's Redis database, or None when the cache is not Redis."""
+def cache_redis_url() -> str | None:
+    """Return the URL of the default cache's Redis database, or None when it is not Redis."""
     cache_settings = settings.CACHES["default"]
     if "redis" not in cache_settings["BACKEND"].lower():
         return None
     location = cache_settings["LOCATION"]
-    url = location[0] if isinstance(location, list | tuple) else location.split(",")[0]
-    with _publish_lock:
+    return location[0] if isinstance(location, list | tuple) else location.split(",")[0]
+
+
+def _cache_redis() -> redis.Redis | None:
+    """Return a client of the cache's Redis database, or None when the cache is not Redis."""
+    url = cache_redis_url()
+    if url is None:
+        return None
+    with _redis_clients_lock:
         client = _redis_clients.get(url)
         if client is None:
             client = _redis_clients[url] = redis.Redis.from_url(url)
@@ -162,7 +171,16 @@ def balance_cache_evict_on_commit(account_id: int) -> None:
     an earlier write (`balance_cache_publish_on_commit`), whose balance lacks this one.
     """
     generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
-    cache.delete(BALANCE_PENDING_KEY.format(account_id=account_id))
+    try:
+        cache.delete(BALANCE_PENDING_KEY.format(account_id=account_id))
+    except redis.RedisError as error:
+        # Failing the ledger write would be worse than a stale balance a pending
+        # publication may cache until the next write.
+        logger.warning(
+            "Cancelling the balance publication of account %s failed: %s",
+            account_id,
+            type(error).__name__,
+        )
 
     def evict() -> None:
         cache.add(generation_key, 0, timeout=None)
@@ -201,8 +219,17 @@ def balance_cache_publish_on_commit(
         _publish_local(account_id, token, balance_nanousd, expires_ms)
         return
     pending = cache.make_key(pending_key)
-    # Outlives the transaction, whose commit reads it.
-    client.set(pending, token, px=settings.GATEWAY_AUTH_CACHE_SECONDS * 1000)
+    try:
+        # Outlives the transaction, whose commit reads it.
+        client.set(pending, token, px=settings.GATEWAY_AUTH_CACHE_SECONDS * 1000)
+    except redis.RedisError as error:
+        logger.warning(
+            "Publishing the balance of account %s failed, retiring it instead: %s",
+            account_id,
+            type(error).__name__,
+        )
+        balance_cache_evict_on_commit(account_id)
+        return
 
     def publish() -> None:
         client.eval(
