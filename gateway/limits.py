@@ -57,6 +57,7 @@ from credits.services import (
     balance_cache_key,
     cache_redis_url,
 )
+from credits.services.ledger import DeferredPublications
 from gateway.errors import GatewayError
 from gateway.models import AccessKey, UsageRecord
 from gateway.pricing import Price, TokenUsage, request_cost
@@ -523,9 +524,13 @@ class RedisLimits:
         )
         return seeded == 1
 
-    def settle(self, items: list["HoldSettlement"]) -> None:
-        """Settle every item, in one round trip."""
-        pipeline = self.client.pipeline(transaction=False)
+    def settle(
+        self, items: list["HoldSettlement"], publications: DeferredPublications | None = None
+    ) -> None:
+        """Cache the committed balances and settle every item, in one atomic step."""
+        pipeline = self.client.pipeline(transaction=True)
+        if publications is not None:
+            publications.run(pipeline)
         for item in items:
             reservation = item.reservation
             self._settle(
@@ -650,8 +655,12 @@ class LocalLimits:
                 self._spend[key_id] = (spend_slug, spent_nanousd)
             return True
 
-    def settle(self, items: list["HoldSettlement"]) -> None:
+    def settle(
+        self, items: list["HoldSettlement"], publications: DeferredPublications | None = None
+    ) -> None:
         with self._lock:
+            if publications is not None:
+                publications.run()
             for item in items:
                 reservation = item.reservation
                 if item.release:
@@ -1009,25 +1018,38 @@ class HoldSettlement:
         return spend_period(period=self.reservation.spend_limit_period, at=self.at).slug
 
 
-def reservations_settle(items: list[HoldSettlement]) -> None:
+def reservations_settle(
+    items: list[HoldSettlement], publications: DeferredPublications | None = None
+) -> None:
     """Count metered attempts' costs against their keys and drop the reservations marked
     `release`.
 
     Call it after the attempts' usage records are committed: a spend counter rebuilt in
-    between then already includes the cost. A store that cannot be reached is logged and
-    skipped: the holds lapse on their own and a missing counter is rebuilt.
+    between then already includes the cost. `publications` are the balances those
+    commits cache, run in the same atomic step. A store that cannot be reached is logged
+    and skipped: the reservations lapse on their own and a missing counter is rebuilt.
     """
-    if not items:
+    if not items and (publications is None or not publications.publications):
         return
     try:
-        limits_store().settle(items)
+        limits_store().settle(items, publications)
     except redis.RedisError as error:
         logger.warning(
             "Settling %s reservations failed, first %s: %s",
             len(items),
-            items[0].reservation.reservation_id,
+            items[0].reservation.reservation_id if items else None,
             type(error).__name__,
         )
+        if publications is not None and publications.publications:
+            # The balances still have to move on; the reservations lapse on their own.
+            try:
+                publications.run()
+            except redis.RedisError as publish_error:
+                logger.warning(
+                    "Caching %s committed balances failed: %s",
+                    len(publications.publications),
+                    type(publish_error).__name__,
+                )
 
 
 def reservation_settle(

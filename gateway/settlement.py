@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from django.db import close_old_connections
 
-from credits.services import account_balance_cached
+from credits.services import account_balance_cached, balance_publications_deferred
 from gateway.limits import HoldSettlement, Reservation, reservation_release, reservations_settle
 from gateway.models import UsageRecord
 from gateway.services import Attempt, usage_records_batch
@@ -27,7 +27,9 @@ def usage_settle_batch(items: list[Settlement]) -> list[UsageRecord]:
     """
     close_old_connections()
     try:
-        records = usage_records_batch(attempts=[item.attempt for item in items])
+        # The new balances are cached in the same Redis step that drops the reservations.
+        with balance_publications_deferred() as publications:
+            records = usage_records_batch(attempts=[item.attempt for item in items])
     except Exception:
         for item in items:
             if item.reservation is not None:
@@ -40,12 +42,13 @@ def usage_settle_batch(items: list[Settlement]) -> list[UsageRecord]:
             )
             for item, record in zip(items, records, strict=True)
             if item.reservation is not None and (item.final or record.cost_nanousd)
-        ]
+        ],
+        publications,
     )
 
-    # Each debit cached its account's new balance as it committed, so this is mostly a
-    # cache hit. Where a later write cancelled that, the balance is computed here, off the
-    # request path, so the account's next request needs no database query.
+    # Settling cached each debited account's new balance, so this is mostly a cache hit.
+    # Where a later write cancelled that, the balance is computed here, off the request
+    # path, so the account's next request needs no database query.
     for account_id in {item.attempt.account_id for item in items}:
         account_balance_cached(account_id=account_id)
     return records

@@ -37,8 +37,9 @@ from gateway.limits import (
     reservation_settle,
 )
 from gateway.models import UsageRecord
-from gateway.pricing import Price
-from gateway.services import KeyIdentity, access_key_authenticate, access_key_create
+from gateway.pricing import Price, TokenUsage
+from gateway.services import Attempt, KeyIdentity, access_key_authenticate, access_key_create
+from gateway.settlement import Settlement, usage_settle_batch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 # Fifty threads each hold a database connection: tests in this group run on one worker,
@@ -498,3 +499,49 @@ def test_repeat_requests_skip_worker_thread(redis_store, gateway, funded, monkey
         TEN_USD - 3 * CHAT_COST
     )
     assert held_nanousd(account_id=funded.account.pk) == 0
+
+
+def test_settlement_caches_balance_with_release(redis_store, funded, monkeypatch):
+    """The new balance and the dropped reservation become visible in one step."""
+    account_id = funded.account.pk
+    identity = limited_key(funded)
+    reservation = attempt(identity, at=timezone.now(), body=CAPPED)
+    assert isinstance(reservation, Reservation)
+    charged = Attempt(
+        request_id="req_settled",
+        account_id=account_id,
+        key_id=identity.key_id,
+        provider="openai",
+        model="m",
+        surface="openai",
+        key_source=UsageRecord.KeySource.BUILTIN,
+        status=UsageRecord.Status.SUCCEEDED,
+        http_status=200,
+        streamed=False,
+        usage=TokenUsage(input_tokens=10, output_tokens=5),
+        latency_ms=5,
+        price=PRICE,
+    )
+    # 10 input tokens at 1000 + 50 and 5 output tokens at 4000 + 50.
+    cost = 10 * 1050 + 5 * 4050
+    between: list[tuple[int | None, int]] = []
+    settle = limits.RedisLimits.settle
+
+    def observed(self, items, publications=None):
+        # The debit has committed; the cache must still show the old balance and hold.
+        generation = balance_generation(account_id=account_id)
+        cached = cache.get(balance_cache_key(account_id=account_id, generation=generation))
+        between.append((cached, held_nanousd(account_id=account_id)))
+        settle(self, items, publications)
+
+    monkeypatch.setattr(limits.RedisLimits, "settle", observed)
+
+    usage_settle_batch([Settlement(charged, reservation, final=True)])
+
+    assert LedgerTransaction.objects.get(request_id="req_settled").amount_nanousd == -cost
+    assert between == [(TEN_USD, WORST)]
+    generation = balance_generation(account_id=account_id)
+    assert cache.get(balance_cache_key(account_id=account_id, generation=generation)) == (
+        TEN_USD - cost
+    )
+    assert held_nanousd(account_id=account_id) == 0

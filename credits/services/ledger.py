@@ -10,6 +10,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +36,8 @@ BALANCE_GENERATION_KEY = "credits:balance-generation:{account_id}"
 # A balance a committing write will cache under the next generation, with its token.
 BALANCE_PENDING_KEY = "credits:balance-pending:{account_id}"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Caches a committed debit's balance, into a Redis pipeline when one is given.
+Publication = Callable[["redis.client.Pipeline | None"], None]
 
 
 class CreditsError(Exception):
@@ -195,6 +199,9 @@ def balance_cache_publish_on_commit(
 ) -> None:
     """Retire the cached balance once the transaction commits, and cache its successor.
 
+    Inside `balance_publications_deferred`, the commit queues this step for the caller
+    instead of running it.
+
     Call it with the account row locked, after the transaction's last change to the
     account's lots and debt, with the balance those leave. Readers then go from the old
     balance straight to the new one, with no cache miss in between, which would send the
@@ -231,8 +238,8 @@ def balance_cache_publish_on_commit(
         balance_cache_evict_on_commit(account_id)
         return
 
-    def publish() -> None:
-        client.eval(
+    def publish(pipeline: redis.client.Pipeline | None = None) -> None:
+        (pipeline or client).eval(
             PUBLISH_SCRIPT,
             2,
             cache.make_key(BALANCE_GENERATION_KEY.format(account_id=account_id)),
@@ -243,7 +250,7 @@ def balance_cache_publish_on_commit(
             cache.make_key(balance_cache_key(account_id=account_id, generation="")),
         )
 
-    transaction.on_commit(publish)
+    _publish_on_commit(publish)
 
 
 def _publish_local(account_id: int, token: str, balance_nanousd: int, expires_ms: int) -> None:
@@ -252,7 +259,7 @@ def _publish_local(account_id: int, token: str, balance_nanousd: int, expires_ms
     generation_key = BALANCE_GENERATION_KEY.format(account_id=account_id)
     cache.set(pending_key, token, timeout=None)
 
-    def publish() -> None:
+    def publish(pipeline: redis.client.Pipeline | None = None) -> None:
         with _publish_lock:
             cache.add(generation_key, 0, timeout=None)
             generation = cache.incr(generation_key)
@@ -264,7 +271,60 @@ def _publish_local(account_id: int, token: str, balance_nanousd: int, expires_ms
                 key = balance_cache_key(account_id=account_id, generation=generation)
                 cache.set(key, balance_nanousd, timeout=timeout)
 
-    transaction.on_commit(publish)
+    _publish_on_commit(publish)
+
+
+class DeferredPublications:
+    """Balance publications of committed debits, for the caller to run."""
+
+    def __init__(self) -> None:
+        self.publications: list[Publication] = []
+        self.open = True
+
+    def run(self, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Run every publication, into `pipeline` when it is given (Redis only)."""
+        for publication in self.publications:
+            publication(pipeline)
+        self.publications.clear()
+
+
+_deferred = threading.local()
+
+
+@contextmanager
+def balance_publications_deferred() -> Iterator[DeferredPublications]:
+    """Collect the balance publications of debits committed in the block instead of running
+    them.
+
+    The caller runs them together with its own Redis commands in one transaction: the
+    gateway drops the settled requests' reservations in the same step, so no request
+    admitted in between counts a charge twice (once in the balance, once reserved).
+    """
+    deferred = DeferredPublications()
+    previous = getattr(_deferred, "current", None)
+    _deferred.current = deferred
+    try:
+        yield deferred
+    finally:
+        _deferred.current = previous
+        deferred.open = False
+
+
+def _publish_on_commit(publish: "Publication") -> None:
+    """Run `publish` when the transaction commits, or queue it for the deferring caller."""
+    deferred: DeferredPublications | None = getattr(_deferred, "current", None)
+    if deferred is None:
+        transaction.on_commit(publish)
+        return
+
+    def queue() -> None:
+        # A commit after the block ended (an outer transaction) runs it at once.
+        if deferred.open:
+            deferred.publications.append(publish)
+        else:
+            publish()
+
+    transaction.on_commit(queue)
 
 
 def locked_account(account_id: int) -> Account:
